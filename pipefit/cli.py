@@ -1,0 +1,104 @@
+"""The ``pipefit`` command: parses arguments, calls a tool function, renders its result.
+
+Tool functions live in ``tools/``; nothing here computes. Errors a user can cause arrive as
+PipefitError and leave as one line on stderr with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from tools.errors import PipefitError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.run(args)
+    except PipefitError as exc:
+        print(f"pipefit: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pipefit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipefit",
+        description="Measure a diffusers pipeline and this machine, and find the strategy that makes it fit.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    detect = commands.add_parser("detect", help="GPUs, free VRAM, RAM and its container limit, installed stack")
+    detect.add_argument("--bandwidth", action="store_true", help="also time host-to-GPU copies (~1 s)")
+    detect.add_argument("--json", action="store_true", help="machine-readable output")
+    detect.set_defaults(run=_detect)
+
+    measure = commands.add_parser(
+        "measure",
+        help="exact component sizes, blocks, offload groups, fp8 and quantized sizes (no weights loaded)",
+        description="MODEL: a local diffusers folder (configs alone are enough), a hub id, a hub cache entry, "
+        "or builtin:NAME (flux1-dev, sdxl-base, wan2.1-t2v-1.3b: full-size configs shipped with pipefit).",
+    )
+    measure.add_argument("model", metavar="MODEL")
+    measure.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    measure.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
+    measure.add_argument("--json", action="store_true", help="machine-readable output")
+    measure.set_defaults(run=_measure)
+    return parser
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from tools.hardware import detect_hardware
+
+    report = detect_hardware(bandwidth=args.bandwidth)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+    else:
+        from rich.console import Console
+
+        from . import render
+
+        render.hardware(report, Console())
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tools.measure import measure_components
+
+    _quiet_third_party_imports()
+    status = Console(stderr=True)
+    with status.status("Measuring", spinner="dots") as spinner:
+        result = measure_components(
+            args.model, dtype=args.dtype, cache=not args.no_cache, progress=lambda message: spinner.update(message)
+        )
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        from . import render
+
+        render.measurement(result, Console())
+    return 0
+
+
+def _quiet_third_party_imports() -> None:
+    """torchao and bitsandbytes log missing optional kernels at import; that is not the user's concern."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="torch.utils._pytree")

@@ -1,0 +1,78 @@
+"""Readable tables for people; machines get ``--json`` instead."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from tools.hardware import HardwareReport
+from tools.measure import PipelineMeasurement
+from tools.units import format_bytes
+
+
+def hardware(report: HardwareReport, console: Console) -> None:
+    if report.gpus:
+        table = Table(title=f"GPUs (driver {report.driver_version or '?'}, CUDA {report.cuda_driver_version or '?'})")
+        for column in ("#", "name", "total", "free", "used", "other procs", "sm", "bf16", "fp8 compute", "flash attn"):
+            table.add_column(column, justify="right" if column not in ("name",) else "left")
+        for gpu in report.gpus:
+            caps = gpu.capabilities
+            flag = lambda ok: "-" if caps is None else ("yes" if ok else "no")  # noqa: E731
+            table.add_row(
+                str(gpu.index), gpu.name, format_bytes(gpu.total_bytes), format_bytes(gpu.free_bytes),
+                format_bytes(gpu.used_bytes), format_bytes(gpu.other_processes_bytes), gpu.compute_capability or "-",
+                flag(caps and caps.bf16), flag(caps and caps.fp8_compute), flag(caps and caps.flash_attention),
+            )  # fmt: skip
+        console.print(table)
+    else:
+        console.print("[bold]GPU:[/] none")
+    ram = report.ram
+    limit = f", container limit {format_bytes(ram.container_limit_bytes)}" if ram.container_limit_bytes else ""
+    console.print(
+        f"[bold]RAM:[/] {format_bytes(ram.total_bytes)} total, {format_bytes(ram.available_bytes)} available{limit}; "
+        f"usable {format_bytes(ram.effective_bytes)}; swap {format_bytes(ram.swap_total_bytes)}; "
+        f"{report.cpu_count} CPUs"
+    )
+    if report.bandwidth:
+        bw = report.bandwidth
+        console.print(
+            f"[bold]Host->GPU copies:[/] pinned {bw.pinned_bytes_per_s / 1e9:.1f} GB/s, "
+            f"pageable {bw.pageable_bytes_per_s / 1e9:.1f} GB/s"
+        )
+    stack = ", ".join(f"{name} {version or '[dim]missing[/]'}" for name, version in report.stack.items())
+    console.print(f"[bold]Stack:[/] Python {report.python}; {stack}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def measurement(result: PipelineMeasurement, console: Console) -> None:
+    table = Table(title=f"{result.model} ({result.pipeline_class}) at {result.dtype}, sizes in GiB")
+    for column in ("component", "class", "params", "size", "fp8 cast", "nf4", "int8", "ao int8", "leaf"):
+        table.add_column(column, justify="left" if column in ("component", "class") else "right")
+    for name, comp in result.components.items():
+        quant = comp.quantized_bytes or {}
+        table.add_row(
+            name, comp.class_name, f"{comp.params / 1e9:.3f}B" if comp.params else "-", _gib(comp.bytes),
+            _gib(comp.layerwise_fp8_bytes), _gib(quant.get("bnb_nf4")), _gib(quant.get("bnb_int8")),
+            _gib(quant.get("torchao_int8wo")), _gib(comp.largest_leaf_bytes),
+        )  # fmt: skip
+    table.add_section()
+    table.add_row("total", "", "", _gib(result.total_bytes))
+    console.print(table)
+    for name, comp in result.components.items():
+        groups = comp.block_offload_groups_bytes
+        if comp.blocks or len(groups) > 1:
+            blocks = ", ".join(f"{b.attr} {b.count} x {format_bytes(b.bytes_each)}" for b in comp.blocks)
+            console.print(
+                f"[bold]{name}[/]: {blocks or 'no block lists'}; block-level offload makes {len(groups)} "
+                f"group(s), largest {format_bytes(max(groups))}"
+            )
+        elif groups:
+            console.print(f"[bold]{name}[/]: block-level offload moves it whole ({format_bytes(groups[0])})")
+    console.print(f"[dim]measured in {result.seconds:.2f} s, no weights loaded[/]")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"

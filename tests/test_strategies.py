@@ -1,0 +1,166 @@
+"""The strategy models agree with what diffusers, transformers, bitsandbytes and torchao really do."""
+
+import copy
+
+import pytest
+import torch
+
+from tools.sizes import module_bytes, tensor_bytes
+from tools.strategies import group_offload, quantize
+
+KINDS = ("flux", "sdxl", "wan")
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_dirs):
+    from diffusers import DiffusionPipeline
+
+    return {kind: DiffusionPipeline.from_pretrained(tiny_dirs[kind], dtype=torch.bfloat16) for kind in KINDS}
+
+
+def _modules(pipe):
+    return {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+def _installed_groups(module):
+    """The ModuleGroups diffusers' hooks hold, each as the bytes it moves."""
+    groups = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry else []):
+            if getattr(hook, "group", None) is not None:
+                groups[id(hook.group)] = hook.group
+    sizes = []
+    for group in groups.values():
+        tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
+        tensors.update({id(t): t for t in (*(group.parameters or []), *(group.buffers or []))})
+        sizes.append(sum(tensor_bytes(t) for t in tensors.values()))
+    return sizes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_level_groups_match_diffusers_hooks(pipes, kind):
+    from diffusers.hooks import apply_group_offloading
+
+    for name, module in _modules(pipes[kind]).items():
+        predicted = group_offload.block_level_groups(module)
+        real = copy.deepcopy(module)
+        apply_group_offloading(real, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+        assert sorted(predicted) == sorted(_installed_groups(real)), f"{kind}.{name}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_largest_leaf_matches_leaf_level_hooks(pipes, kind):
+    from diffusers.hooks import apply_group_offloading
+
+    for name, module in _modules(pipes[kind]).items():
+        real = copy.deepcopy(module)
+        apply_group_offloading(real, onload_device=torch.device("cpu"), offload_type="leaf_level")
+        assert group_offload.largest_leaf_bytes(module) == max(_installed_groups(real)), f"{kind}.{name}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layerwise_casting_matches_diffusers(pipes, kind, tiny_dirs):
+    from tools.measure import measure_components
+
+    measured = measure_components(str(tiny_dirs[kind]))
+    for name, module in _modules(pipes[kind]).items():
+        if not module.__class__.__module__.startswith("diffusers"):
+            assert measured.components[name].layerwise_fp8_bytes is None
+            continue
+        real = copy.deepcopy(module)
+        real.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+        assert measured.components[name].layerwise_fp8_bytes == module_bytes(real), name
+        assert module_bytes(real) < module_bytes(module)
+
+
+def _replaced_by_bnb(module, library, backend):
+    """Names of the layers the library's own bnb replacement swaps, on a meta copy."""
+    with torch.device("meta"):
+        meta = copy.deepcopy(module).to("meta")
+    if library == "diffusers":
+        from diffusers import BitsAndBytesConfig
+        from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
+
+        skip = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    else:
+        from transformers import BitsAndBytesConfig
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = get_keys_to_not_convert(meta) + list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    config = BitsAndBytesConfig(load_in_4bit=backend == "bnb_nf4", load_in_8bit=backend == "bnb_int8")
+    replaced = replace_with_bnb_linear(meta, modules_to_not_convert=skip, quantization_config=config)
+    import bitsandbytes as bnb
+
+    return {n for n, m in replaced.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("backend", ["bnb_nf4", "bnb_int8"])
+def test_converted_layers_match_the_libraries_replacement(pipes, kind, backend):
+    for name, module in _modules(pipes[kind]).items():
+        library = module.__class__.__module__.split(".")[0]
+        predicted = {n for n, _ in quantize.converted_linears(module, library, backend)}
+        assert predicted == _replaced_by_bnb(module, library, backend), f"{kind}.{name}"
+
+
+def test_t5_keeps_wo_unconverted(pipes):
+    t5 = pipes["flux"].text_encoder_2
+    converted = {n for n, _ in quantize.converted_linears(t5, "transformers", "bnb_nf4")}
+    assert converted and not any(n.endswith(".wo") for n in converted)
+    assert any(n.endswith(".wi_0") for n in converted)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transformers_skip_rules_restate_the_originals(pipes, kind):
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    for module in _modules(pipes[kind]).values():
+        if not module.__class__.__module__.startswith("transformers"):
+            continue
+        keys = quantize.transformers_keys_to_not_convert(module)
+        assert sorted(keys) == sorted(get_keys_to_not_convert(module))
+        patterns = keys + ["wo", "encoder.block.1"]
+        for name, _ in module.named_modules():
+            assert quantize._transformers_should_convert(name, patterns) == should_convert_module(name, patterns)
+
+
+def test_nf4_and_int8_bytes_equal_bitsandbytes_tensors():
+    import bitsandbytes as bnb
+
+    for out_features, in_features in [(96, 64), (3072, 768), (10, 33)]:
+        weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
+        nf4 = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
+        real_nf4 = tensor_bytes(nf4.data) + tensor_bytes(nf4.quant_state.absmax)
+        assert quantize.BACKENDS["bnb_nf4"].weight_bytes(out_features, in_features) == real_nf4
+        int8 = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        real_int8 = tensor_bytes(int8.data) + tensor_bytes(int8.SCB)
+        assert quantize.BACKENDS["bnb_int8"].weight_bytes(out_features, in_features) == real_int8
+
+
+def _flat_bytes(tensor):
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_flat_bytes(getattr(tensor, n)) for n in names)
+    return tensor_bytes(tensor)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torchao_int8_weight_only_bytes_equal_torchao(pipes, kind):
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    for name, module in _modules(pipes[kind]).items():
+        library = module.__class__.__module__.split(".")[0]
+        converted = {n for n, _ in quantize.converted_linears(module, library, "torchao_int8wo")}
+        real = copy.deepcopy(module)
+        quantize_(real, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in converted)
+        seen, actual = set(), 0
+        for t in (*real.parameters(), *real.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                actual += _flat_bytes(t)
+        assert quantize.quantized_bytes(module, library, "torchao_int8wo") == actual, f"{kind}.{name}"
