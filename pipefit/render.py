@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -46,18 +47,33 @@ def hardware(report: HardwareReport, console: Console) -> None:
 
 
 def measurement(result: PipelineMeasurement, console: Console) -> None:
-    table = Table(title=f"{result.model} ({result.pipeline_class}) at {result.dtype}, sizes in GiB")
-    for column in ("component", "class", "params", "size", "fp8 cast", "nf4", "int8", "ao int8", "leaf"):
-        table.add_column(column, justify="left" if column in ("component", "class") else "right")
+    table = Table(
+        title=f"{result.model} ({result.pipeline_class}) at {result.dtype}, sizes in GiB", box=box.SIMPLE_HEAD, pad_edge=False,
+        caption="fp8: layerwise fp8 casting; nf4, int8: bitsandbytes; ao int8: torchao int8 weight-only; "
+        "leaf: the largest layer (what leaf-level offloading moves at once)",
+        caption_justify="left",
+    )
+    with_class = console.width >= 100  # on a narrow terminal the sizes matter more; --json has the class
+    table.add_column("component", no_wrap=True)
+    if with_class:
+        table.add_column("class", overflow="ellipsis", max_width=28, no_wrap=True)
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(result.dtype, result.dtype)
+    for column in ("params", dtype, "fp8", "nf4", "int8", "ao int8", "leaf"):
+        table.add_column(column, justify="right", no_wrap=True)
+    unsized = []
     for name, comp in result.components.items():
+        if comp.bytes is None:
+            unsized.append(name)
+            continue
         quant = comp.quantized_bytes or {}
         table.add_row(
-            name, comp.class_name, f"{comp.params / 1e9:.3f}B" if comp.params else "-", _gib(comp.bytes),
+            name, *([comp.class_name] if with_class else []), f"{comp.params / 1e9:.3f}B" if comp.params else "-",
+            _gib(comp.bytes),
             _gib(comp.layerwise_fp8_bytes), _gib(quant.get("bnb_nf4")), _gib(quant.get("bnb_int8")),
             _gib(quant.get("torchao_int8wo")), _gib(comp.largest_leaf_bytes),
         )  # fmt: skip
     table.add_section()
-    table.add_row("total", "", "", _gib(result.total_bytes))
+    table.add_row("total", *([""] if with_class else []), "", _gib(result.total_bytes))
     console.print(table)
     for name, comp in result.components.items():
         groups = comp.block_offload_groups_bytes
@@ -69,7 +85,10 @@ def measurement(result: PipelineMeasurement, console: Console) -> None:
             )
         elif groups:
             console.print(f"[bold]{name}[/]: block-level offload moves it whole ({format_bytes(groups[0])})")
-    console.print(f"[dim]measured in {result.seconds:.2f} s, no weights loaded[/]")
+    if unsized:
+        console.print(f"[dim]no weights: {', '.join(unsized)}[/]")
+    how = "answered from the cache" if result.from_cache else "measured"
+    console.print(f"[dim]{how} in {result.seconds:.2f} s, no weights loaded[/]")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 

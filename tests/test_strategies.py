@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from tools.sizes import module_bytes, tensor_bytes
+from tools.sizes import loaded_bytes, module_bytes, tensor_bytes
 from tools.strategies import group_offload, quantize
 
 KINDS = ("flux", "sdxl", "wan")
@@ -105,11 +105,41 @@ def test_converted_layers_match_the_libraries_replacement(pipes, kind, backend):
         assert predicted == _replaced_by_bnb(module, library, backend), f"{kind}.{name}"
 
 
-def test_t5_keeps_wo_unconverted(pipes):
+def _quantized_by_torchao(module, library):
+    """Names of the Linear layers the library's own torchao quantizer decides to quantize."""
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    linears = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    if library == "diffusers":
+        from diffusers import TorchAoConfig
+        from diffusers.quantizers.torchao.torchao_quantizer import TorchAoHfQuantizer
+
+        quantizer = TorchAoHfQuantizer(TorchAoConfig(Int8WeightOnlyConfig()))
+        keep = list(getattr(module, "_keep_in_fp32_modules", None) or [])
+        quantizer._process_model_before_weight_loading(module, device_map=None, keep_in_fp32_modules=keep)
+        return {n for n in linears if quantizer.check_if_quantized_param(module, None, f"{n}.weight", {})}
+    from transformers import TorchAoConfig
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    quantizer = TorchAoHfQuantizer(TorchAoConfig(Int8WeightOnlyConfig()))
+    quantizer._process_model_before_weight_loading(module)
+    return {n for n in linears if quantizer.param_needs_quantization(module, f"{n}.weight")}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torchao_converted_layers_match_the_libraries_quantizers(pipes, kind):
+    for name, module in _modules(pipes[kind]).items():
+        library = module.__class__.__module__.split(".")[0]
+        predicted = {n for n, _ in quantize.converted_linears(module, library, "torchao_int8wo")}
+        assert predicted == _quantized_by_torchao(module, library), f"{kind}.{name}"
+
+
+def test_t5_wo_stays_unconverted_under_bnb_but_not_torchao(pipes):
     t5 = pipes["flux"].text_encoder_2
-    converted = {n for n, _ in quantize.converted_linears(t5, "transformers", "bnb_nf4")}
-    assert converted and not any(n.endswith(".wo") for n in converted)
-    assert any(n.endswith(".wi_0") for n in converted)
+    for backend, wo_converted in [("bnb_nf4", False), ("bnb_int8", False), ("torchao_int8wo", True)]:
+        converted = {n for n, _ in quantize.converted_linears(t5, "transformers", backend)}
+        assert any(n.endswith(".wi_0") for n in converted), backend
+        assert any(n.endswith(".wo") for n in converted) == wo_converted, backend
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -127,26 +157,17 @@ def test_transformers_skip_rules_restate_the_originals(pipes, kind):
             assert quantize._transformers_should_convert(name, patterns) == should_convert_module(name, patterns)
 
 
-def test_nf4_and_int8_bytes_equal_bitsandbytes_tensors():
+def test_nf4_and_int8_bytes_equal_bitsandbytes_layers():
     import bitsandbytes as bnb
 
     for out_features, in_features in [(96, 64), (3072, 768), (10, 33)]:
         weight = torch.randn(out_features, in_features, dtype=torch.bfloat16)
-        nf4 = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
-        real_nf4 = tensor_bytes(nf4.data) + tensor_bytes(nf4.quant_state.absmax)
-        assert quantize.BACKENDS["bnb_nf4"].weight_bytes(out_features, in_features) == real_nf4
-        int8 = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False).to("cpu")
-        real_int8 = tensor_bytes(int8.data) + tensor_bytes(int8.SCB)
-        assert quantize.BACKENDS["bnb_int8"].weight_bytes(out_features, in_features) == real_int8
-
-
-def _flat_bytes(tensor):
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if is_traceable_wrapper_subclass(tensor):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(_flat_bytes(getattr(tensor, n)) for n in names)
-    return tensor_bytes(tensor)
+        nf4 = bnb.nn.Linear4bit(in_features, out_features, bias=False, quant_type="nf4")
+        nf4.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=False).to("cpu")
+        assert quantize.BACKENDS["bnb_nf4"].weight_bytes(out_features, in_features) == loaded_bytes(nf4)
+        int8 = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        int8.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False).to("cpu")
+        assert quantize.BACKENDS["bnb_int8"].weight_bytes(out_features, in_features) == loaded_bytes(int8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -158,9 +179,4 @@ def test_torchao_int8_weight_only_bytes_equal_torchao(pipes, kind):
         converted = {n for n, _ in quantize.converted_linears(module, library, "torchao_int8wo")}
         real = copy.deepcopy(module)
         quantize_(real, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in converted)
-        seen, actual = set(), 0
-        for t in (*real.parameters(), *real.buffers()):
-            if id(t) not in seen:
-                seen.add(id(t))
-                actual += _flat_bytes(t)
-        assert quantize.quantized_bytes(module, library, "torchao_int8wo") == actual, f"{kind}.{name}"
+        assert quantize.quantized_bytes(module, library, "torchao_int8wo") == loaded_bytes(real), f"{kind}.{name}"

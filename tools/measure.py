@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 DTYPES = ("bfloat16", "float16", "float32")
 _CACHE_SCHEMA = 1  # bump when the measurement's meaning changes
+# The code whose rules the figures come from: editing it (a fixed skip rule, say) invalidates the cache.
+_RULE_SOURCES = ("measure.py", "sizes.py", "strategies")
 _MODEL_LIBRARIES = ("diffusers", "transformers")
 
 
@@ -82,6 +84,7 @@ class PipelineMeasurement(BaseModel):
     components: dict[str, ComponentMeasurement]
     warnings: list[str] = Field(default_factory=list)
     seconds: float
+    from_cache: bool = False
 
 
 def measure_components(
@@ -115,7 +118,8 @@ def measure_components(
         if cache_file is not None and cache_file.is_file():
             try:
                 cached = PipelineMeasurement.model_validate_json(cache_file.read_text())
-                return cached.model_copy(update={"model": source.model, "seconds": round(time.perf_counter() - start, 3)})
+                seconds = round(time.perf_counter() - start, 3)
+                return cached.model_copy(update={"model": source.model, "seconds": seconds, "from_cache": True})
             except ValueError:
                 pass  # written by another pipefit version: measure again
         name, pipeline_class = source.model, source.pipeline_class
@@ -178,13 +182,17 @@ def cache_dir() -> Path:
 
 
 def _cache_file(root: Path, dtype: str) -> Path:
-    """A file named by everything the measurement depends on: configs, weight files, library versions.
+    """A file named by everything the measurement depends on: configs, weight files, versions, pipefit's rules.
 
     Computing it needs no torch import, so a repeated measurement answers in milliseconds.
     """
     digest = hashlib.sha256(f"{_CACHE_SCHEMA}|{dtype}".encode())
     for package in ("torch", "diffusers", "transformers"):
         digest.update(f"|{package}={importlib.metadata.version(package)}".encode())
+    here = Path(__file__).parent
+    for source in _RULE_SOURCES:
+        for path in sorted((here / source).rglob("*.py")) if (here / source).is_dir() else [here / source]:
+            digest.update(path.read_bytes())
     for path in sorted(root.rglob("*")):
         if path.suffix == ".json":
             digest.update(f"|{path.relative_to(root)}|".encode() + path.read_bytes())

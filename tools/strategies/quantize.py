@@ -2,13 +2,15 @@
 
 Sizes are computed, not assumed: a backend converts only some layers (``nn.Linear`` weights outside
 the model's skip lists); everything else keeps its dtype, and the quantization state stays on the
-device with the weights. diffusers models and transformers models follow different skip rules, both
-written out below from the code of diffusers 0.42 / transformers 5.x:
+device with the weights. The skip rules differ by library and backend; they are restated below from
+diffusers 0.42 and transformers 5.x (tests/test_strategies.py checks them against the originals):
 
-- diffusers: skips ``_keep_in_fp32_modules`` (kept in float32 even when loading bf16);
-- transformers: skips ``_keep_in_fp32_modules`` (T5's ``wo``), tied weights, the output embedding
-  and the module holding the last parameter; bitsandbytes converts exactly ``nn.Linear`` (and
-  ``Conv1D``), torchao any ``nn.Linear``.
+- diffusers skips ``_keep_in_fp32_modules``; bitsandbytes matches module names, torchao parameter
+  names, both as substrings (``key + "."``).
+- transformers skips ``_keep_in_fp32_modules``, tied weights, the output embedding and the module
+  holding the last parameter. bitsandbytes converts exactly ``nn.Linear`` and matches module names;
+  torchao converts any ``nn.Linear`` and matches *parameter* names, so a suffix pattern such as T5's
+  ``wo`` never matches ``...wo.weight``: under torchao a T5 ``wo`` is quantized, under bnb it is not.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 Library = Literal["diffusers", "transformers"]
 
 NF4_BLOCKSIZE = 64  # bitsandbytes keeps one float32 absmax per 64 weights (no double quantization)
+NF4_CODE_BYTES = 16 * 4  # and, per weight, its own float32 table of the 16 nf4 levels
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class QuantBackend:
 
 def _nf4(out_features: int, in_features: int) -> int:
     numel = out_features * in_features
-    return math.ceil(numel / 2) + math.ceil(numel / NF4_BLOCKSIZE) * 4
+    return math.ceil(numel / 2) + math.ceil(numel / NF4_BLOCKSIZE) * 4 + NF4_CODE_BYTES
 
 
 def _llm_int8(out_features: int, in_features: int) -> int:
@@ -69,24 +72,27 @@ def converted_linears(model: "torch.nn.Module", library: Library, backend: str) 
     """The (name, module) pairs of the layers ``backend`` replaces when loading ``model``."""
     import torch
 
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    torchao = backend.startswith("torchao")
     if library == "transformers":
-        skip = transformers_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
-        exact_linear = backend.startswith("bnb_")  # transformers' bnb checks `type(m) is nn.Linear`
-        return [
-            (name, m)
-            for name, m in model.named_modules()
-            if (type(m) is torch.nn.Linear if exact_linear else isinstance(m, torch.nn.Linear))
-            and _transformers_should_convert(name, skip)
-        ]
+        skip = transformers_keys_to_not_convert(model) + keep_fp32
+        exact_linear = not torchao  # transformers' bnb checks `type(m) is nn.Linear`
 
-    skip = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
-        and name.rsplit(".", 1)[-1] not in skip
-        and not any(key + "." in name or key == name for key in skip)
-    ]
+        def converts(name: str, module: torch.nn.Module) -> bool:
+            is_linear = type(module) is torch.nn.Linear if exact_linear else isinstance(module, torch.nn.Linear)
+            return is_linear and _transformers_should_convert(f"{name}.weight" if torchao else name, skip)
+
+    else:
+
+        def converts(name: str, module: torch.nn.Module) -> bool:
+            if not isinstance(module, torch.nn.Linear):
+                return False
+            key_name = f"{name}.weight" if torchao else name
+            if not torchao and name.rsplit(".", 1)[-1] in keep_fp32:
+                return False
+            return not any(key + "." in key_name or key == key_name for key in keep_fp32)
+
+    return [(name, m) for name, m in model.named_modules() if converts(name, m)]
 
 
 def quantized_bytes(model: "torch.nn.Module", library: Library, backend: str) -> int:
