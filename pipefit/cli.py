@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     measure.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     measure.add_argument("--json", action="store_true", help="machine-readable output")
     measure.set_defaults(run=_measure)
+
+    triage = commands.add_parser(
+        "triage",
+        help="read an OOM traceback or log: what failed, where, by how much, and what to run next",
+        description="FILE: a traceback or log to read, or - for standard input.",
+    )
+    triage.add_argument("file", metavar="FILE")
+    triage.add_argument("--script", help="the script that failed, for the model id and the image/video sizes")
+    triage.add_argument("--json", action="store_true", help="machine-readable output")
+    triage.set_defaults(run=_triage)
     return parser
 
 
@@ -92,6 +102,30 @@ def _measure(args: argparse.Namespace) -> int:
 
         render.measurement(result, Console())
     return 0
+
+
+def _triage(args: argparse.Namespace) -> int:
+    from tools.triage import triage_oom
+
+    text = sys.stdin.read() if args.file == "-" else _read_text(args.file, "log")
+    script = _read_text(args.script, "script") if args.script else None
+    result = triage_oom(text, script=script)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    else:
+        from rich.console import Console
+
+        from . import render
+
+        render.triage(result, Console())
+    return 0
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        return open(path, encoding="utf-8", errors="replace").read()
+    except OSError as exc:
+        raise PipefitError(f"Cannot read the {what} {path!r}: {exc.strerror}.", "Check the path, or pass - for stdin.")
 
 
 def _quiet_third_party_imports() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tools.hardware import HardwareReport
 from tools.measure import PipelineMeasurement
+from tools.triage import OomTriage
 from tools.units import format_bytes
 
 
@@ -91,6 +93,33 @@ def measurement(result: PipelineMeasurement, console: Console) -> None:
     console.print(f"[dim]{how} in {result.seconds:.2f} s, no weights loaded[/]")
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def triage(result: OomTriage, console: Console) -> None:
+    console.print(f"[bold]{result.kind}[/]" + (f": {escape(result.error)}" if result.error else ""), highlight=False)
+    facts = [
+        ("stage", result.stage), ("component", result.component), ("GPU", result.gpu_index),
+        ("model", result.model_id),
+    ]  # fmt: skip
+    sizes = [
+        ("tried to allocate", result.tried_to_allocate_bytes), ("free", result.free_bytes),
+        ("total", result.total_bytes), ("reserved by PyTorch", result.reserved_bytes),
+        ("allocated by PyTorch", result.allocated_bytes), ("reserved, unallocated", result.reserved_unallocated_bytes),
+        ("other processes", result.other_processes_bytes), ("short by", result.shortfall_bytes),
+    ]  # fmt: skip
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for label, value in facts:
+        if value is not None:
+            table.add_row(label, escape(str(value)))
+    for label, value in sizes:
+        if value is not None:
+            table.add_row(label, format_bytes(value))
+    if table.row_count:
+        console.print(table)
+    for line in result.advice:
+        console.print(f"- {escape(line)}", highlight=False)
 
 
 def _gib(n: int | None) -> str:
