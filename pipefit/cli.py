@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     triage.add_argument("--script", help="the script that failed, for the model id and the image/video sizes")
     triage.add_argument("--json", action="store_true", help="machine-readable output")
     triage.set_defaults(run=_triage)
+
+    patch = commands.add_parser(
+        "patch",
+        help="rewrite a script so it applies a plan: a reviewable diff, or a new file with -o",
+        description="PLAN: inline JSON or a .json file (the plan schema in README.md). Without -o nothing is "
+        "written: the edits and the diff are shown for review.",
+    )
+    patch.add_argument("script", metavar="SCRIPT")
+    patch.add_argument("--plan", required=True, metavar="PLAN")
+    where = patch.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="OUT", help="write the patched script here (may be SCRIPT itself)")
+    where.add_argument("--diff", action="store_true", help="print only the unified diff (for `patch -p1`/`git apply`)")
+    patch.add_argument("--json", action="store_true", help="machine-readable output")
+    patch.set_defaults(run=_patch)
     return parser
 
 
@@ -118,6 +132,23 @@ def _triage(args: argparse.Namespace) -> int:
         from . import render
 
         render.triage(result, Console())
+    return 0
+
+
+def _patch(args: argparse.Namespace) -> int:
+    from tools.patch import patch_script
+
+    result = patch_script(args.script, args.plan, output=args.output)
+    if args.json:
+        print(result.model_dump_json(indent=2))
+    elif args.diff:
+        sys.stdout.write(result.diff)
+    else:
+        from rich.console import Console
+
+        from . import render
+
+        render.patch(result, Console(), args.script)
     return 0
 
 

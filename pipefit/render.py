@@ -9,6 +9,7 @@ from rich.table import Table
 
 from tools.hardware import HardwareReport
 from tools.measure import PipelineMeasurement
+from tools.patch import PatchResult
 from tools.triage import OomTriage
 from tools.units import format_bytes
 
@@ -124,3 +125,21 @@ def triage(result: OomTriage, console: Console) -> None:
 
 def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def patch(result: PatchResult, console: Console, script: str) -> None:
+    if not result.changed:
+        console.print(f"{escape(script)} already applies the plan: nothing to change.")
+        return
+    for edit in result.edits:
+        console.print(f"- {escape(edit)}", soft_wrap=True)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if result.output_path:
+        console.print(f"[bold]Wrote[/] {escape(result.output_path)}")
+    else:
+        styles = {"+++": "bold", "---": "bold", "@@": "cyan", "+": "green", "-": "red"}
+        for line in result.diff.splitlines():
+            style = next((s for prefix, s in styles.items() if line.startswith(prefix)), None)
+            console.print(escape(line), style=style, soft_wrap=True, highlight=False)
+        console.print("[dim]Nothing written: add -o OUT to write the patched script.[/]")

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..plan import Rule
 from ..sizes import module_bytes
+from . import Code
 
 if TYPE_CHECKING:
     import torch
+
+    from ..plan import LayerwiseCastingSpec
+    from . import Site
 
 SUPPORTED_LIBRARIES = frozenset({"diffusers"})
 
@@ -25,3 +30,28 @@ def layerwise_cast_bytes(model: "torch.nn.Module", compute_dtype: "torch.dtype",
 
     model.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=compute_dtype)
     return module_bytes(model)
+
+
+RULES = (
+    Rule(
+        "layerwise_casting.diffusers_models_only",
+        lambda plan, target: ", ".join(
+            c for c in plan.layerwise_casting.components if target.library_of(c) not in SUPPORTED_LIBRARIES
+        )
+        or None
+        if plan.layerwise_casting
+        else None,
+        "Layerwise casting of {0} fails at run time: transformers' text encoders cast activations to their "
+        "weights' dtype ('Promotion for Float8 Types is not supported').",
+        "Cast only diffusers models (transformer, unet, vae); quantize text encoders instead.",
+    ),
+)
+
+
+def apply(spec: "LayerwiseCastingSpec", components: list[str], site: "Site") -> Code:
+    """Cast each component's weights to fp8 storage; must run before offloading is enabled."""
+    statements = tuple(
+        f"{site.pipe}.{c}.enable_layerwise_casting(storage_dtype=torch.{spec.storage_dtype}, compute_dtype={site.dtype})"
+        for c in components
+    )
+    return Code(statements, ("import torch",), f"layerwise {spec.storage_dtype} casting of {', '.join(components)}")

@@ -21,10 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..plan import Rule
 from ..sizes import module_bytes, tensor_bytes
+from . import Code
 
 if TYPE_CHECKING:
     import torch
+
+    from ..plan import QuantizeSpec, Target
+    from . import Site
 
 Library = Literal["diffusers", "transformers"]
 
@@ -125,3 +130,131 @@ def transformers_keys_to_not_convert(model: "torch.nn.Module") -> list[str]:
 def _transformers_should_convert(full_name: str, patterns: list[str]) -> bool:
     boundary = r"(?:(?<=\.)|(?=\.|$))"
     return not any(re.match(rf"(?:{key}){boundary}", full_name) or full_name.endswith(key) for key in patterns)
+
+
+# ---- compatibility rules -------------------------------------------------------------------------
+
+
+def _older_than(versions: dict[str, str | None] | None, package: str, minimum: str) -> bool:
+    from packaging.version import Version
+
+    found = (versions or {}).get(package)
+    return found is not None and Version(found) < Version(minimum)
+
+
+RULES = (
+    Rule(
+        "quantize.bnb_needs_gpu",
+        lambda plan, target: plan.quantize.backend
+        if plan.quantize and plan.quantize.backend.startswith("bnb") and target.device_type == "cpu"
+        else None,
+        "{0} quantizes on a GPU only (diffusers: 'No GPU found. A GPU is needed for quantization.').",
+        "Use torchao_int8wo on a CPU, or run on a CUDA GPU.",
+    ),
+    Rule(
+        "quantize.fp8_needs_sm89",
+        lambda plan, target: ".".join(map(str, target.compute_capability))
+        if plan.quantize
+        and plan.quantize.backend == "torchao_fp8wo"
+        and target.compute_capability is not None
+        and target.compute_capability < (8, 9)
+        else None,
+        "torchao_fp8wo needs float8 compute (compute capability 8.9+: Ada, Hopper); this GPU is sm {0}.",
+        "Use torchao_int8wo or bnb_int8.",
+    ),
+    Rule(
+        "quantize.not_with_layerwise_casting",
+        lambda plan, target: ", ".join(sorted(set(plan.quantize.components) & set(plan.layerwise_casting.components)))
+        or None
+        if plan.quantize and plan.layerwise_casting
+        else None,
+        "{0} cannot be both quantized and layerwise-cast: the quantized weights are no longer plain tensors.",
+        "Choose one technique per component.",
+    ),
+    Rule(
+        "quantize.bnb_int8_stays_resident",
+        lambda plan, target: "bitsandbytes < 0.48 or transformers < 4.58"
+        if plan.quantize
+        and plan.quantize.backend == "bnb_int8"
+        and plan.offload == "model"
+        and (_older_than(target.versions, "bitsandbytes", "0.48") or _older_than(target.versions, "transformers", "4.58.1"))
+        else None,
+        "With {0}, model offload cannot move bnb int8 components: they stay on the GPU the whole time.",
+        "Upgrade bitsandbytes and transformers, or budget the int8 components as resident.",
+        severity="warning",
+    ),
+)
+
+
+# ---- applying it ----------------------------------------------------------------------------------
+
+# the keyword arguments of each bitsandbytes backend, as source; {dtype} is the script's compute dtype
+_BNB_KWARGS = {
+    "bnb_nf4": {"load_in_4bit": "True", "bnb_4bit_quant_type": '"nf4"', "bnb_4bit_compute_dtype": "{dtype}"},
+    "bnb_int8": {"load_in_8bit": "True"},
+}
+# Backends whose quantized models can move to the GPU after loading in host RAM (device_map="cpu").
+# bnb int8 cannot: loaded on the CPU, its matmul later runs on CPU tensors ("Expected a cuda device,
+# but got: cpu", measured on the H100, bench/results/patch-gpu-h100.txt), so it loads onto the GPU.
+LOADS_IN_HOST_RAM = frozenset({"bnb_nf4", "torchao_int8wo", "torchao_fp8wo"})
+_BNB_PIPELINE_BACKEND = {"bnb_nf4": "bitsandbytes_4bit", "bnb_int8": "bitsandbytes_8bit"}
+_TORCHAO_CONFIG = {"torchao_int8wo": "Int8WeightOnlyConfig", "torchao_fp8wo": "Float8WeightOnlyConfig"}
+_CONFIG_IMPORT = {
+    "diffusers": ("from diffusers import {name}", "{name}"),
+    # both libraries name their configs alike; the transformers one is imported under a distinct name
+    "transformers": ("from transformers import {name} as Transformers{name}", "Transformers{name}"),
+}
+
+
+def _config_class(library: Library, name: str) -> tuple[str, str]:
+    statement, local = _CONFIG_IMPORT[library]
+    return statement.format(name=name), local.format(name=name)
+
+
+def _bnb_kwargs(backend: str, site: "Site") -> dict[str, str]:
+    return {key: value.format(dtype=site.dtype) for key, value in _BNB_KWARGS[backend].items()}
+
+
+def _torch_import(source: str) -> tuple[str, ...]:
+    return ("import torch",) if "torch." in source else ()
+
+
+def pipeline_config(spec: "QuantizeSpec", components: list[str], site: "Site", target: "Target") -> Code:
+    """A ``PipelineQuantizationConfig`` expression quantizing ``components`` while the pipeline loads.
+
+    bitsandbytes goes through ``quant_backend``/``quant_kwargs``; torchao must use ``quant_mapping``
+    with each library's own ``TorchAoConfig`` (diffusers 0.42 with transformers 5 refuses
+    ``quant_backend="torchao"``).
+    """
+    imports = ["from diffusers import PipelineQuantizationConfig"]
+    if spec.backend in _BNB_KWARGS:
+        kwargs = ", ".join(f'"{key}": {value}' for key, value in _bnb_kwargs(spec.backend, site).items())
+        names = ", ".join(f'"{c}"' for c in components)
+        expr = (
+            f'PipelineQuantizationConfig(quant_backend="{_BNB_PIPELINE_BACKEND[spec.backend]}", '
+            f"quant_kwargs={{{kwargs}}}, components_to_quantize=[{names}])"
+        )
+        imports += _torch_import(kwargs)
+    else:
+        ao = _TORCHAO_CONFIG[spec.backend]
+        imports.append(f"from torchao.quantization import {ao}")
+        entries = []
+        for component in components:
+            statement, local = _config_class(target.library_of(component), "TorchAoConfig")
+            imports.append(statement)
+            entries.append(f'"{component}": {local}({ao}())')
+        expr = "PipelineQuantizationConfig(quant_mapping={" + ", ".join(entries) + "})"
+    return Code(statements=(expr,), imports=tuple(dict.fromkeys(imports)), edit=f"{spec.backend} on {', '.join(components)}")
+
+
+def model_config(backend: str, library: Library, site: "Site") -> Code:
+    """The ``quantization_config=`` expression for one model loaded on its own (``X.from_pretrained``)."""
+    if backend in _BNB_KWARGS:
+        statement, local = _config_class(library, "BitsAndBytesConfig")
+        kwargs = ", ".join(f"{key}={value}" for key, value in _bnb_kwargs(backend, site).items())
+        return Code(statements=(f"{local}({kwargs})",), imports=(statement, *_torch_import(kwargs)), edit=backend)
+    ao = _TORCHAO_CONFIG[backend]
+    statement, local = _config_class(library, "TorchAoConfig")
+    return Code(
+        statements=(f"{local}({ao}())",), imports=(statement, f"from torchao.quantization import {ao}"), edit=backend
+    )

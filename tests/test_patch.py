@@ -1,0 +1,348 @@
+"""patch_script on a corpus of real-style scripts crossed with plans.
+
+Every patched script parses, is idempotent and contains exactly the calls its plan implies
+(checked with ``ast``, independently of the libcst code that wrote them). Scripts that can run on
+a CPU are run, patched, in a child process against tiny random-weight pipelines placed in a fake,
+offline Hugging Face cache under the real model ids.
+"""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.errors import PipefitError
+from tools.patch import patch_script, patch_source
+
+SCRIPTS = Path(__file__).parent / "fixtures" / "scripts"
+CORPUS = {k: v for k, v in json.loads((SCRIPTS / "corpus.json").read_text()).items() if not k.startswith("_")}
+USABLE = sorted(name for name, meta in CORPUS.items() if "refuse" not in meta)
+RUNNABLE = sorted(name for name in USABLE if "run" in CORPUS[name])
+FAMILY = {  # denoiser, largest text encoder
+    "flux": ("transformer", "text_encoder_2"), "sdxl": ("unet", "text_encoder_2"),
+    "wan": ("transformer", "text_encoder"), "sd3": ("transformer", "text_encoder_3"),
+}  # fmt: skip
+PLANS = {
+    "none": {},
+    "model": {"offload": "model"},
+    "sequential": {"offload": "sequential"},
+    "group_block": {"offload": "group_block", "group": {"num_blocks_per_group": 2}},
+    "group_leaf": {"offload": "group_leaf"},
+    "group_stream": {"offload": "group_leaf", "group": {"use_stream": True, "low_cpu_mem_usage": True, "exclude": ["vae"]}},
+    "fp8_group": {"layerwise_casting": {"components": ["{den}"]}, "offload": "group_block", "group": {"exclude": ["vae"]}},
+    "fp8_model": {"layerwise_casting": {"components": ["{den}"]}, "offload": "model"},
+    "nf4_model": {"quantize": {"backend": "bnb_nf4", "components": ["{den}", "{enc}"]}, "offload": "model", "vae": {"tiling": True}},
+    "int8": {"quantize": {"backend": "bnb_int8", "components": ["{den}"]}},
+    "ao_int8": {"quantize": {"backend": "torchao_int8wo", "components": ["{den}"]}},
+    "vae": {"vae": {"tiling": True, "slicing": True}},
+    "compile": {"compile": "regional"},
+    "attention": {"attention_backend": "native"},
+}  # fmt: skip
+CPU_PLANS = ("none", "group_block", "group_leaf", "fp8_group", "ao_int8", "vae", "attention")
+
+
+def plan_for(name: str, plan: str) -> dict:
+    den, enc = FAMILY[CORPUS[name]["family"]]
+    return json.loads(json.dumps(PLANS[plan]).replace("{den}", den).replace("{enc}", enc))
+
+
+def test_the_corpus_is_large_enough():
+    assert len(USABLE) >= 25 and len(RUNNABLE) >= 10
+
+
+# ---- static: every script x every plan --------------------------------------------------------------
+
+
+def _calls(tree: ast.AST) -> list[tuple[str, str, ast.Call]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Attribute):
+                found.append((ast.unparse(func.value), func.attr, node))
+            elif isinstance(func, ast.Name):
+                found.append(("", func.id, node))
+    return found
+
+
+def _kwarg(call: ast.Call, name: str):
+    return next((ast.unparse(k.value) for k in call.keywords if k.arg == name), None)
+
+
+def check_calls(source: str, name: str, plan: dict) -> None:
+    """The patched source makes exactly the calls ``plan`` implies, for every pipeline in it."""
+    meta = CORPUS[name]
+    den, _ = FAMILY[meta["family"]]
+    calls = _calls(ast.parse(source))
+    count = lambda receiver, method: sum(1 for r, m, _ in calls if r == receiver and m == method)  # noqa: E731
+    offload = plan.get("offload", "none")
+    quantized = plan.get("quantize", {}).get("components", [])
+    loaded = meta.get("loaded", {})
+    prequantized = meta.get("prequantized", [])
+    pipeline_configs = [c for r, m, c in calls if m == "PipelineQuantizationConfig"]
+    expected_configs = []
+    for pipe in meta["pipes"]:
+        shared = meta.get("shared", {}).get(pipe, [])
+        assert count(pipe, "to") == (offload == "none"), pipe
+        assert count(pipe, "cuda") == 0
+        assert count(pipe, "enable_model_cpu_offload") == (offload == "model")
+        assert count(pipe, "enable_sequential_cpu_offload") == (offload == "sequential")
+        groups = [c for r, m, c in calls if r == pipe and m == "enable_group_offload"]
+        assert len(groups) == offload.startswith("group")
+        if groups:
+            kind = {"group_block": "block_level", "group_leaf": "leaf_level"}[offload]
+            assert _kwarg(groups[0], "offload_type") == repr(kind)
+            assert (_kwarg(groups[0], "use_stream") == "True") == plan.get("group", {}).get("use_stream", False)
+        assert count(pipe, "enable_vae_tiling") == count(pipe, "enable_vae_slicing") == 0
+        assert count(f"{pipe}.vae", "enable_tiling") == plan.get("vae", {}).get("tiling", False)
+        assert count(f"{pipe}.vae", "enable_slicing") == plan.get("vae", {}).get("slicing", False)
+        cast = set(plan.get("layerwise_casting", {}).get("components", [])) - set(shared)
+        casting = {r.removeprefix(pipe + ".") for r, m, _ in calls if m == "enable_layerwise_casting" and r.startswith(pipe + ".")}
+        assert casting == cast
+        assert count(f"{pipe}.{den}", "compile_repeated_blocks") == (plan.get("compile") == "regional")
+        assert count(f"{pipe}.{den}", "set_attention_backend") == bool(plan.get("attention_backend"))
+        at_load = [c for c in quantized if c not in loaded and c not in shared and c not in prequantized]
+        loader = next(c for r, m, c in calls if m in ("from_pretrained", "from_single_file") and _is_pipeline(r))
+        if at_load:
+            expected_configs.append(sorted(at_load))
+        if at_load:  # quantizing at load time happens in host RAM, except bnb int8 (it cannot move after)
+            in_ram = plan["quantize"]["backend"] != "bnb_int8"
+            assert (_kwarg(loader, "device_map") == "'cpu'") == in_ram
+    assert sum(1 for _, m, _ in calls if m == "apply_group_offloading") == 0
+    assert not [c for r, m, c in calls if r == "" and m == "compile"]  # torch.compile(...) assignments replaced
+    assert not [c for r, m, c in calls if m == "to" and r.endswith(")") and ".from_pretrained(" in r]
+    assert sorted(_quantized_names(c) for c in pipeline_configs) == sorted(expected_configs)
+    for component, _library in loaded.items():
+        if component in quantized and component not in prequantized:
+            load = next(c for r, m, c in calls if m in ("from_pretrained", "from_single_file") and not _is_pipeline(r)
+                        and (_kwarg(c, "subfolder") in (repr(component), None)))  # fmt: skip
+            assert _kwarg(load, "quantization_config") is not None, component
+
+
+def _is_pipeline(receiver: str) -> bool:
+    return receiver.endswith("Pipeline") or receiver.startswith("AutoPipeline")
+
+
+def _quantized_names(call: ast.Call) -> list[str]:
+    listed = _kwarg(call, "components_to_quantize")
+    if listed is not None:
+        return sorted(ast.literal_eval(listed))
+    mapping = next(k.value for k in call.keywords if k.arg == "quant_mapping")
+    return sorted(ast.literal_eval(k) for k in mapping.keys)
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("name", USABLE)
+def test_patched_script_parses_is_idempotent_and_makes_the_planned_calls(name, plan):
+    source = (SCRIPTS / name).read_text()
+    result = patch_source(source, plan_for(name, plan), filename=name)
+    ast.parse(result.source)
+    check_calls(result.source, name, plan_for(name, plan))
+    again = patch_source(result.source, plan_for(name, plan), filename=name)
+    assert not again.changed, again.diff
+    assert result.changed and result.diff.startswith(f"--- a/{name}") and result.edits
+    # comments on their own lines survive
+    comments = [line.strip() for line in source.splitlines() if line.strip().startswith("#")]
+    assert all(c in result.source for c in comments)
+
+
+def test_existing_offloading_is_replaced_not_duplicated():
+    source = (SCRIPTS / "flux_half_optimized.py").read_text()
+    result = patch_source(source, {"offload": "group_block"}, "flux_half_optimized.py")
+    assert "enable_sequential_cpu_offload" not in result.source
+    assert "enable_layerwise_casting" not in result.source
+    assert "# memory savers I found in the docs" in result.source
+    assert any("enable_sequential_cpu_offload" in edit and "line 8" in edit for edit in result.edits)
+
+
+def test_removed_pipeline_level_vae_tiling_becomes_the_vae_method():
+    source = (SCRIPTS / "flux_issue_report.py").read_text()
+    result = patch_source(source, {"offload": "model", "vae": {"tiling": True}}, "flux_issue_report.py")
+    assert "pipe.enable_vae_tiling()" not in result.source and "pipe.vae.enable_tiling()" in result.source
+    assert "pipe.enable_vae_slicing()" not in result.source
+
+
+def test_bnb_int8_loads_on_the_gpu_and_nf4_in_ram():
+    source = (SCRIPTS / "flux_chained_to.py").read_text()
+    int8 = patch_source(source, {"quantize": {"backend": "bnb_int8", "components": ["transformer"]}})
+    nf4 = patch_source(source, {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}})
+    assert "device_map" not in int8.source and 'device_map="cpu"' in nf4.source
+
+
+def test_streams_on_an_sdxl_vae_warn_to_keep_it_resident():
+    source = (SCRIPTS / "sdxl_docs.py").read_text()
+    warned = patch_source(source, {"offload": "group_leaf", "group": {"use_stream": True}}).warnings
+    assert any('Add "vae" to group.exclude' in w for w in warned)
+    kept = {"offload": "group_leaf", "group": {"use_stream": True, "exclude": ["vae"]}}
+    assert not patch_source(source, kept).warnings
+
+
+def test_the_device_expression_of_the_script_is_kept():
+    source = (SCRIPTS / "flux_fstring_device.py").read_text()
+    result = patch_source(source, {"offload": "group_leaf"}, "flux_fstring_device.py")
+    assert 'onload_device=torch.device(f"cuda:{args.gpu}")' in result.source
+    result = patch_source(source, {"offload": "model"}, "flux_fstring_device.py")
+    assert 'enable_model_cpu_offload(device=f"cuda:{args.gpu}")' in result.source
+
+
+def test_user_formatting_survives():
+    source = (SCRIPTS / "flux_comments_heavy.py").read_text()
+    result = patch_source(source, {"offload": "model"}, "flux_comments_heavy.py")
+    removed = {line for line in result.diff.splitlines() if line.startswith("-") and not line.startswith("---")}
+    assert removed == {"-pipe.to(DEVICE)"}
+
+
+# ---- refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(n for n, m in CORPUS.items() if "refuse" in m))
+def test_refuses_scripts_it_cannot_handle_and_writes_nothing(name, tmp_path):
+    out = tmp_path / "out.py"
+    with pytest.raises(PipefitError, match=CORPUS[name]["refuse"]):
+        patch_script(SCRIPTS / name, {"offload": "model"}, output=out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name, plan, says",
+    [
+        ("flux_docs_offload.py", {"layerwise_casting": {"components": ["text_encoder_2"]}}, "text_encoder_2"),
+        ("flux_docs_offload.py", {"offload": "model", "group": {"use_stream": True}}, "cannot be combined"),
+        ("flux_gguf.py", {"quantize": {"backend": "bnb_nf4", "components": ["text_encoder"]},
+                          "layerwise_casting": {"components": ["text_encoder"]}}, "both quantized"),
+    ],
+)  # fmt: skip
+def test_refuses_plans_that_break_a_rule(name, plan, says):
+    with pytest.raises(PipefitError, match=says):
+        patch_source((SCRIPTS / name).read_text(), plan, name)
+
+
+def test_refuses_cuda_only_plans_for_a_cpu_script():
+    source = 'import torch\nfrom diffusers import FluxPipeline\npipe = FluxPipeline.from_pretrained("x")\npipe.to("cpu")\n'
+    for plan, says in (({"offload": "model"}, "needs an accelerator"),
+                       ({"quantize": {"backend": "bnb_int8", "components": ["transformer"]}}, "GPU only")):  # fmt: skip
+        with pytest.raises(PipefitError, match=says):
+            patch_source(source, plan)
+    assert patch_source(source, {"offload": "group_leaf"}).changed
+
+
+def test_refuses_to_quantize_a_component_it_cannot_trace():
+    source = (
+        "from diffusers import FluxPipeline\nfrom helpers import load_transformer\n"
+        "transformer = load_transformer()\npipe = FluxPipeline.from_pretrained('x', transformer=transformer)\n"
+    )
+    with pytest.raises(PipefitError, match="Cannot quantize transformer.*line 4"):
+        patch_source(source, {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}})
+
+
+# ---- files and the CLI ----------------------------------------------------------------------------------
+
+
+def test_never_writes_unless_asked(tmp_path):
+    script = tmp_path / "gen.py"
+    original = (SCRIPTS / "flux_chained_to.py").read_text()
+    script.write_text(original)
+    result = patch_script(script, {"offload": "model"})
+    assert result.changed and result.output_path is None
+    assert script.read_text() == original and sorted(p.name for p in tmp_path.iterdir()) == ["gen.py"]
+    out = tmp_path / "gen_fit.py"
+    result = patch_script(script, {"offload": "model"}, output=out)
+    assert out.read_text() == result.source and script.read_text() == original
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipefit", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_shows_a_diff_writes_with_o_and_reports_json(tmp_path):
+    script = tmp_path / "gen.py"
+    original = (SCRIPTS / "flux_device_var.py").read_text()
+    script.write_text(original)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"offload": "group_block", "vae": {"tiling": True}}))
+
+    shown = _cli("patch", "gen.py", "--plan", str(plan), cwd=tmp_path)
+    assert shown.returncode == 0 and "+pipe.enable_group_offload(" in shown.stdout and "Nothing written" in shown.stdout
+    diff = _cli("patch", "gen.py", "--plan", str(plan), "--diff", cwd=tmp_path)
+    assert diff.stdout.startswith("--- a/gen.py") and script.read_text() == original
+
+    data = json.loads(_cli("patch", "gen.py", "--plan", str(plan), "--json", cwd=tmp_path).stdout)
+    assert set(data) >= {"changed", "source", "diff", "edits", "warnings"} and data["changed"]
+
+    written = _cli("patch", "gen.py", "--plan", str(plan), "-o", "gen.py", cwd=tmp_path)  # explicit: in place
+    assert written.returncode == 0 and script.read_text() == data["source"]
+    again = _cli("patch", "gen.py", "--plan", str(plan), cwd=tmp_path)
+    assert "already applies the plan" in again.stdout
+
+    bad = _cli("patch", "gen.py", "--plan", '{"offload": "everywhere"}', cwd=tmp_path)
+    assert bad.returncode == 2 and "offload" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- running patched scripts on a CPU ----------------------------------------------------------------
+
+HUB_IDS = {
+    "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "madebyollin/sdxl-vae-fp16-fix": "sdxl/vae",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory):
+    """A Hugging Face cache holding tiny pipelines (VAEs at the real 8x scale) under real model ids."""
+    import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("fake-hub")
+    built = {kind: tiny_pipelines.write(kind, root / "built" / kind, full_scale_vae=True) for kind in tiny_pipelines.KINDS}
+    cache = root / "hub"
+    for repo, source in HUB_IDS.items():
+        kind, _, sub = source.partition("/")
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text("0" * 40)
+        (entry / "snapshots").mkdir()
+        (entry / "snapshots" / ("0" * 40)).symlink_to(built[kind] / sub if sub else built[kind])
+    return cache
+
+
+def _runs():
+    for i, name in enumerate(RUNNABLE):
+        for plan in {CPU_PLANS[i % len(CPU_PLANS)], CPU_PLANS[(i + 3) % len(CPU_PLANS)]}:
+            yield name, plan
+
+
+def test_every_cpu_plan_runs_somewhere():
+    assert {plan for _, plan in _runs()} == set(CPU_PLANS)
+
+
+def _run_patched(name: str, plan: str, hub: Path, workdir: Path, **env: str) -> None:
+    meta = CORPUS[name]
+    patch_script(SCRIPTS / name, plan_for(name, plan), output=workdir / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), **env}
+    run = subprocess.run(
+        [sys.executable, name, *meta["run"]["args"]], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for output in meta["run"]["outputs"]:
+        assert (workdir / output).stat().st_size > 0, output
+
+
+@pytest.mark.parametrize("name, plan", sorted(_runs()))
+def test_patched_script_runs_on_cpu(name, plan, fake_hub, tmp_path):
+    _run_patched(name, plan, fake_hub, tmp_path, CUDA_VISIBLE_DEVICES="")
+
+
+GPU_RUNS = [(n, p) for n in ("flux_device_var.py", "sdxl_argparse.py") for p in sorted(PLANS) if p != "vae"] + [
+    ("wan_device_var.py", p) for p in ("model", "group_stream", "nf4_model")
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, plan", GPU_RUNS)
+def test_patched_script_runs_on_gpu(name, plan, fake_hub, tmp_path):
+    """The CUDA-only plans (offloading hooks, streams, bitsandbytes, compile) as patched, on the GPU."""
+    _run_patched(name, plan, fake_hub, tmp_path)

@@ -1,0 +1,517 @@
+"""patch_script: apply a plan to the user's own script, as a reviewable change.
+
+The script is rewritten on its concrete syntax tree (libcst), so comments, blank lines and
+formatting survive. For each pipeline the script builds, the statements the plan governs
+(``pipe.to("cuda")``, offloading, casting, VAE tiling, compile, attention; see ``tools.script``)
+are replaced by the plan's own, at the place where the script first placed or configured the
+pipeline; load-time choices (quantization, ``device_map``) go into the ``from_pretrained`` call.
+The code each strategy adds comes from its module in ``tools/strategies/``. Applying the same
+plan twice changes nothing the second time.
+
+Nothing is written unless an output path is given; the input is overwritten only when that path
+is the input itself, given explicitly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libcst as cst
+from pydantic import BaseModel, Field
+
+from .errors import PipefitError
+from .plan import Plan, Target, check_plan, parse_plan
+from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, nodes_of, parse, placement_device
+from .strategies import Code, Site, attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
+
+MARKER = "# pipefit:"
+LINE_LIMIT = 100  # longer generated calls get one argument per line
+_QUANT_CONFIG = re.compile(r"QuantizationConfig|BitsAndBytesConfig|TorchAoConfig|GGUF")
+
+
+class PatchResult(BaseModel):
+    """The patched script and how it differs from the original."""
+
+    changed: bool
+    source: str = Field(description="the whole patched script")
+    diff: str = Field(description="unified diff from the original")
+    edits: list[str] = Field(description="each change in words, with the original line")
+    warnings: list[str]
+    output_path: str | None = Field(None, description="where the patched script was written, if anywhere")
+
+
+def patch_script(
+    script: str | Path, plan: str | dict | Plan, output: str | Path | None = None
+) -> PatchResult:
+    """Rewrite the script at ``script`` so it applies ``plan``; write it to ``output`` if given.
+
+    ``plan`` is a Plan, a dict, inline JSON or a JSON file path. Returns the new source, a unified
+    diff and the edits in words. Refuses (PipefitError, nothing written) when the script does not
+    parse, builds no pipeline, or the plan breaks a compatibility rule.
+    """
+    path = Path(script).expanduser()
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PipefitError(f"Cannot read the script {str(script)!r}: {exc.strerror}.", "Check the path.") from None
+    result = patch_source(source, plan, filename=path.name)
+    if output is not None:
+        out = Path(output).expanduser()
+        if out.is_dir():
+            raise PipefitError(f"The output {str(output)!r} is a folder.", "Give a file path, e.g. script_fit.py.")
+        out.write_text(result.source, encoding="utf-8")
+        result.output_path = str(out)
+    return result
+
+
+def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.py") -> PatchResult:
+    """``patch_script`` on source text; writes nothing."""
+    plan = parse_plan(plan)
+    module = parse(source, filename)
+    info = analyze(module, filename)
+    edits: list[str] = []
+    warnings: list[str] = []
+    work = [_prepare(info, creation, plan, filename, warnings) for creation in info.creations]
+    rewriter = _Rewriter(info, work, edits)
+    new_module = module.visit(rewriter)
+    edits.sort(key=lambda edit: int(m.group(1)) if (m := re.search(r"line (\d+)", edit)) else 10**9)
+    new_module = _add_imports(new_module, info, [imp for w in work for imp in w.imports], edits)
+    new_source = new_module.code
+    diff = "".join(
+        difflib.unified_diff(
+            source.splitlines(keepends=True), new_source.splitlines(keepends=True), f"a/{filename}", f"b/{filename}"
+        )
+    )
+    return PatchResult(
+        changed=new_source != source, source=new_source, diff=diff, edits=edits, warnings=list(dict.fromkeys(warnings))
+    )
+
+
+# ---- per pipeline: what to write ----------------------------------------------------------------
+
+
+@dataclass
+class _Work:
+    creation: Creation
+    site: Site
+    block: list[tuple[str, str]]  # (statement source, edit in words)
+    imports: list[str]
+    quant_expr: str | None  # the PipelineQuantizationConfig expression
+    quant_var: str
+    quant_statement: cst.SimpleStatementLine | None  # an existing `x = ...Config(...)` to replace
+    quant_edit: str = ""
+    component_quant: dict[int, str] = field(default_factory=dict)  # id(component loader call) -> expression
+    set_device_map: str | None = None  # '"cpu"'
+    drop_device_map: bool = False
+    anchor: cst.BaseStatement | None = None  # managed statement the block replaces ...
+    after: cst.BaseStatement | None = None  # ... or the statement it follows
+
+
+def _prepare(info: ScriptInfo, creation: Creation, plan: Plan, filename: str, warnings: list[str]) -> _Work:
+    site = _site(info, creation, plan, warnings)
+    known = {n: c for n, c in creation.components.items() if c.library in ("diffusers", "transformers")}
+    target = Target(
+        device_type=device_type(info, site.device),
+        component_libraries={n: c.library for n, c in known.items()},
+        component_classes={n: c.class_name for n, c in known.items() if c.class_name},
+        denoiser=denoiser_of(creation),
+    )
+    findings = check_plan(plan, target)
+    errors = [f.message for f in findings if f.severity == "error"]
+    if errors:
+        raise PipefitError(
+            f"The plan cannot apply to {creation.pipe} (line {creation.line} of {filename}): " + " ".join(errors),
+            "Nothing was changed.",
+        )
+    warnings += [f.message for f in findings]
+
+    codes: list[Code] = []
+    shared = {n for n, c in creation.components.items() if c.shared_from}
+    if plan.layerwise_casting:
+        cast = [c for c in plan.layerwise_casting.components if c not in shared]
+        if cast:
+            codes.append(layerwise_casting.apply(plan.layerwise_casting, cast, site))
+    codes += [vae.apply(plan, site), attention.apply(plan, site), _placement(plan, site), torch_compile.apply(plan, site)]
+    work = _Work(
+        creation, site, [(s, c.edit) for c in codes for s in c.statements], [i for c in codes for i in c.imports],
+        quant_expr=None, quant_var=_quant_var(info, creation), quant_statement=None,
+    )  # fmt: skip
+    _prepare_quantization(info, creation, plan, site, target, work, warnings)
+    _prepare_device_map(info, creation, plan, work)
+    _find_anchor(info, work)
+    return work
+
+
+def _site(info: ScriptInfo, creation: Creation, plan: Plan, warnings: list[str]) -> Site:
+    dtype_arg = creation.kwarg("torch_dtype") or creation.kwarg("dtype")
+    named = set((plan.quantize.components if plan.quantize else []) + (plan.layerwise_casting.components if plan.layerwise_casting else []))
+    denoiser = "unet" if "unet" in named else "transformer" if "transformer" in named else denoiser_of(creation)
+    if denoiser is None and (plan.compile != "none" or plan.attention_backend):
+        warnings.append(
+            f"Assumed {creation.pipe}'s denoiser is `transformer` ({creation.class_name} does not say); "
+            "for a UNet pipeline change it to `unet`."
+        )
+    return Site(
+        pipe=creation.pipe,
+        device=_device(info, creation) or '"cuda"',
+        dtype=info.code(dtype_arg.value) if dtype_arg else "torch.float32",
+        denoiser=denoiser or "transformer",
+    )
+
+
+def _device(info: ScriptInfo, creation: Creation) -> str | None:
+    """The device the script puts this pipeline on, as source: from `.to(...)`, an offloading call's
+    device, or a device-type ``device_map``."""
+    if creation.pipe in info.devices:
+        return info.devices[creation.pipe]
+    for owner, statement in info.managed.values():
+        if owner != creation.pipe:
+            continue
+        for call in nodes_of(statement, cst.Call):
+            if isinstance(call.func, cst.Attribute) and call.func.attr.value in ("to", "cuda"):
+                if info.code(call.func.value) == creation.pipe and (device := placement_device(info, call)):
+                    return device
+            for arg in call.args:
+                if arg.keyword and arg.keyword.value in ("device", "onload_device"):
+                    text = info.code(arg.value)
+                    inner = re.fullmatch(r"torch\.device\((.+)\)", text)
+                    return inner.group(1) if inner else text
+    device_map = creation.kwarg("device_map")
+    if device_map and device_type(info, info.code(device_map.value)) not in (None, "cpu"):
+        return info.code(device_map.value)
+    return None
+
+
+def _placement(plan: Plan, site: Site) -> Code:
+    return group_offload.apply(plan, site) if plan.offload in group_offload.GROUP_KINDS else offload.apply(plan, site)
+
+
+def _quant_var(info: ScriptInfo, creation: Creation) -> str:
+    if len(info.creations) == 1:
+        return "quantization_config"
+    return re.sub(r"\W", "_", creation.pipe).strip("_") + "_quantization_config"
+
+
+def _prepare_quantization(
+    info: ScriptInfo, creation: Creation, plan: Plan, site: Site, target: Target, work: _Work, warnings: list[str]
+) -> None:
+    existing = creation.kwarg("quantization_config")
+    if existing is not None and isinstance(existing.value, cst.Name):
+        work.quant_var = existing.value.value
+        work.quant_statement = _binding(info, creation, existing.value.value)
+    if plan.quantize is None:
+        return
+    at_load: list[str] = []
+    for name in plan.quantize.components:
+        component = creation.components.get(name)
+        if component is None:
+            at_load.append(name)
+        elif component.shared_from:
+            continue  # quantized where the other pipeline loads it
+        elif component.call is None:
+            raise PipefitError(
+                f"Cannot quantize {name}: it is passed to {creation.pipe} at line {component.line}, "
+                "but pipefit cannot see where it is loaded.",
+                f"Load it in this script with {name} = SomeModel.from_pretrained(...), or leave {name} out of the plan. "
+                "Nothing was changed.",
+            )
+        elif any(a.keyword and a.keyword.value == "quantization_config" for a in component.call.args):
+            warnings.append(f"{name} (line {component.line}) already has a quantization_config; left as it is.")
+        else:
+            code = quantize.model_config(plan.quantize.backend, target.library_of(name), site)
+            work.component_quant[id(component.call)] = code.statements[0]
+            work.imports += code.imports
+    if at_load:
+        code = quantize.pipeline_config(plan.quantize, at_load, site, target)
+        work.quant_expr = code.statements[0]
+        work.quant_edit = code.edit
+        work.imports += code.imports
+
+
+def _binding(info: ScriptInfo, creation: Creation, name: str) -> cst.SimpleStatementLine | None:
+    """The last ``name = <a quantization config>`` before the creation, in the same block."""
+    container = info.containers[id(creation.statement)]
+    found = None
+    for statement in container.body:
+        if statement is creation.statement:
+            break
+        if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
+            small = statement.body[0]
+            if isinstance(small, cst.Assign) and info.code(small.targets[0].target) == name:
+                found = statement if _QUANT_CONFIG.search(info.code(small.value)) else None
+    return found
+
+
+def _prepare_device_map(info: ScriptInfo, creation: Creation, plan: Plan, work: _Work) -> None:
+    device_map = creation.kwarg("device_map")
+    current = info.code(device_map.value) if device_map else None
+    if work.quant_expr is not None and plan.quantize.backend in quantize.LOADS_IN_HOST_RAM:
+        # load and quantize in host RAM: quantizing on the GPU holds the full-precision component there too
+        if device_type(info, current) != "cpu":
+            work.set_device_map = '"cpu"'
+    elif device_map is not None and device_type(info, current) != "cpu":
+        if plan.offload != "none" or "balanced" in current:
+            work.drop_device_map = True
+
+
+def _find_anchor(info: ScriptInfo, work: _Work) -> None:
+    """Where the block goes: replacing the first governed statement after the pipeline is built (in the
+    same block, before it is first called), else after the statements that go on configuring it."""
+    creation = work.creation
+    container = info.containers[id(creation.statement)]
+    body = list(container.body)
+    start = next(i for i, s in enumerate(body) if s is creation.statement)
+    pipe = creation.pipe
+    for statement in body[start + 1 :]:
+        owner = info.managed.get(id(statement), (None,))[0]
+        if owner == pipe:
+            work.anchor = statement
+            return
+        if f"{pipe}(" in info.code(statement):
+            break
+    work.after = creation.statement
+    for statement in body[start + 1 :]:
+        if id(statement) in info.managed:
+            continue
+        text = info.code(statement)
+        if isinstance(statement, cst.SimpleStatementLine) and text.startswith(f"{pipe}.") and f"{pipe}(" not in text:
+            work.after = statement
+        else:
+            break
+
+
+# ---- rewriting ------------------------------------------------------------------------------------
+
+
+class _Rewriter(cst.CSTTransformer):
+    def __init__(self, info: ScriptInfo, work: list[_Work], edits: list[str]):
+        self.info = info
+        self.work = work
+        self.edits = edits
+        self.loaders = {id(w.creation.loader): w for w in work}
+        self.assigns = {id(w.creation.assign): w for w in work}
+        self.component_calls = {key: (w, expr, info.statement_of[key]) for w in work for key, expr in w.component_quant.items()}
+        self.anchors = {id(w.anchor): w for w in work if w.anchor is not None}
+        self.afters: dict[int, list[_Work]] = {}
+        for w in work:
+            if w.after is not None:
+                self.afters.setdefault(id(w.after), []).append(w)
+        self.before = {id(w.creation.statement): w for w in work}
+        self.quant_statements = {id(w.quant_statement): w for w in work if w.quant_statement is not None}
+
+    # load-time arguments
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        line = self.info.line_of(original)
+        if id(original) in self.component_calls:
+            work, expr, statement = self.component_calls[id(original)]
+            self.edits.append(f"line {line}: load it quantized: quantization_config={expr}")
+            return self._fit(original, _set_kwarg(updated, "quantization_config", cst.parse_expression(expr)), statement)
+        work = self.loaders.get(id(original))
+        if work is None:
+            return updated
+        pipe = work.creation.pipe
+        if work.quant_expr is not None:
+            if work.quant_statement is None and _kwarg_code(self.info, original, "quantization_config") != work.quant_var:
+                self.edits.append(f"line {line}: {pipe} loads with {work.quant_edit} (quantization_config={work.quant_var})")
+            updated = _set_kwarg(updated, "quantization_config", cst.Name(work.quant_var))
+        elif _kwarg_code(self.info, original, "quantization_config") is not None:
+            self.edits.append(f"line {line}: removed {pipe}'s quantization_config (the plan quantizes nothing)")
+            updated = _drop_kwarg(updated, "quantization_config")
+        if work.set_device_map and _kwarg_code(self.info, original, "device_map") != work.set_device_map:
+            self.edits.append(f'line {line}: device_map="cpu": components load and quantize in RAM, not on the GPU')
+            updated = _set_kwarg(updated, "device_map", cst.parse_expression(work.set_device_map))
+        if work.drop_device_map:
+            self.edits.append(
+                f"line {line}: removed device_map={_kwarg_code(self.info, original, 'device_map')} "
+                "(it loads every weight onto the GPU, which the plan's placement replaces)"
+            )
+            updated = _drop_kwarg(updated, "device_map")
+        return self._fit(original, updated, work.creation.statement)
+
+    def _fit(self, original: cst.Call, updated: cst.Call, statement: cst.BaseStatement) -> cst.Call:
+        """A call the patch made longer than the line limit gets one argument per line."""
+        if updated.deep_equals(original):
+            return updated
+        column = self.info.columns.get(id(statement), 0)
+        small = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+        prefix = len(cst.Module([]).code_for_node(small.targets[0].target)) + 3 if isinstance(small, cst.Assign) else 0
+        lines = cst.Module([]).code_for_node(updated).splitlines()
+        widths = [column + prefix + len(lines[0]), *(len(line) for line in lines[1:])]
+        return _one_arg_per_line(updated, " " * column) if max(widths) > LINE_LIMIT else updated
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        work = self.assigns.get(id(original))
+        if work is None or not work.creation.chain:
+            return updated
+        value = updated.value
+        for _ in work.creation.chain:
+            value = value.func.value
+        chained = "".join(
+            "." + self.info.code(c.func.attr) + "(" + ", ".join(self.info.code(a) for a in c.args) + ")"
+            for c in reversed(work.creation.chain)
+        )
+        self.edits.append(f"line {self.info.line_of(original)}: removed {chained} after loading; the plan places {work.creation.pipe}")
+        return updated.with_changes(value=value)
+
+    # statements
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        return updated.with_changes(body=self._body(original.body, updated.body, ""))
+
+    def leave_IndentedBlock(self, original: cst.IndentedBlock, updated: cst.IndentedBlock) -> cst.IndentedBlock:
+        body = self._body(original.body, updated.body, None)
+        return updated.with_changes(body=body or [cst.SimpleStatementLine([cst.Pass()])])
+
+    def _body(self, originals, updated, indent: str | None) -> list[cst.BaseStatement]:
+        out: list[cst.BaseStatement] = []
+        carried: list[cst.EmptyLine] = []  # comments of removed statements, kept for the next one
+        for original, new in zip(originals, updated):
+            column = " " * self.info.columns.get(id(original), 0)
+            creating = self.before.get(id(original))
+            if creating is not None and creating.quant_expr is not None and creating.quant_statement is None:
+                assignment = _statement(f"{creating.quant_var} = {creating.quant_expr}", column)
+                out.append(assignment.with_changes(leading_lines=new.leading_lines))
+                new = new.with_changes(leading_lines=())
+            configuring = self.quant_statements.get(id(original))
+            if configuring is not None and configuring.quant_expr is not None:
+                text = f"{configuring.quant_var} = {configuring.quant_expr}"
+                replacement = _statement(text, column).with_changes(leading_lines=new.leading_lines)
+                if self.info.code(original) != cst.Module([]).code_for_node(replacement).strip():
+                    self.edits.append(f"line {self.info.line_of(original)}: {configuring.quant_var} set to the plan's quantization")
+                out.append(replacement)
+                continue
+            if id(original) in self.info.managed:
+                carried += _user_comments(new.leading_lines)
+                w = self.anchors.get(id(original))
+                if w is not None:
+                    out += self._block(w, column, carried)
+                    carried = []
+                    self.edits.append(
+                        f"line {self.info.line_of(original)}: replaced `{_first_line(original)}` with the plan's "
+                        f"placement and settings for {w.creation.pipe}"
+                    )
+                else:
+                    self.edits.append(f"line {self.info.line_of(original)}: removed `{_first_line(original)}` (the plan decides this)")
+                continue
+            if carried:
+                new = new.with_changes(leading_lines=[*carried, *new.leading_lines])
+                carried = []
+            out.append(new)
+            for w in self.afters.get(id(original), []):
+                out += self._block(w, column, [])
+                self.edits.append(f"after line {self.info.line_of(original)}: added the plan's placement and settings for {w.creation.pipe}")
+        return out
+
+    def _block(self, work: _Work, column: str, comments: list[cst.EmptyLine]) -> list[cst.BaseStatement]:
+        words = ", ".join(dict.fromkeys(edit for _, edit in work.block if edit))
+        statements = [_statement(text, column) for text, _ in work.block]
+        marker = cst.EmptyLine(comment=cst.Comment(f"{MARKER} {words}"))
+        statements[0] = statements[0].with_changes(leading_lines=[*comments, marker])
+        return statements
+
+
+def _statement(text: str, column: str) -> cst.BaseStatement:
+    """Parse one generated statement, breaking a long call into one argument per line."""
+    statement = cst.parse_statement(text + "\n")
+    if len(column) + len(text) <= LINE_LIMIT or "\n" in text:
+        return statement
+    small = statement.body[0]
+    return statement.with_changes(body=[small.with_changes(value=_one_arg_per_line(small.value, column))])
+
+
+def _one_arg_per_line(call: cst.Call, column: str) -> cst.Call:
+    def newline(indent: str) -> cst.ParenthesizedWhitespace:
+        return cst.ParenthesizedWhitespace(
+            first_line=cst.TrailingWhitespace(), empty_lines=[], indent=False, last_line=cst.SimpleWhitespace(indent)
+        )
+
+    args = [
+        a.with_changes(comma=cst.Comma(whitespace_after=newline(column + "    ")), whitespace_after_arg=cst.SimpleWhitespace(""))
+        for a in call.args
+    ]
+    args[-1] = args[-1].with_changes(comma=cst.Comma(whitespace_after=newline(column)))
+    return call.with_changes(whitespace_before_args=newline(column + "    "), args=args)
+
+
+def _user_comments(lines) -> list[cst.EmptyLine]:
+    return [line for line in lines if not (line.comment and line.comment.value.startswith(MARKER))]
+
+
+def _first_line(statement: cst.BaseStatement) -> str:
+    if isinstance(statement, cst.SimpleStatementLine):
+        return cst.Module([]).code_for_node(statement.body[0])
+    text = cst.Module([]).code_for_node(statement.with_changes(leading_lines=())).strip()
+    return text.splitlines()[0] + " ..."
+
+
+def _kwarg_code(info: ScriptInfo, call: cst.Call, name: str) -> str | None:
+    arg = next((a for a in call.args if a.keyword and a.keyword.value == name), None)
+    return info.code(arg.value) if arg else None
+
+
+def _set_kwarg(call: cst.Call, name: str, value: cst.BaseExpression) -> cst.Call:
+    """Set ``name=value`` on ``call``, replacing the value or appending in the call's own layout."""
+    args = list(call.args)
+    for i, arg in enumerate(args):
+        if arg.keyword and arg.keyword.value == name:
+            args[i] = arg.with_changes(value=value)
+            return call.with_changes(args=args)
+    equal = cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace(""))
+    new = cst.Arg(value=value, keyword=cst.Name(name), equal=equal)
+    if not args:
+        return call.with_changes(args=[new])
+    last = args[-1]
+    if len(args) >= 2 and isinstance(args[-2].comma, cst.Comma):
+        separator = args[-2].comma
+    elif isinstance(call.whitespace_before_args, cst.ParenthesizedWhitespace):
+        separator = cst.Comma(whitespace_after=call.whitespace_before_args)
+    else:
+        separator = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+    args[-1] = last.with_changes(comma=separator, whitespace_after_arg=cst.SimpleWhitespace(""))
+    args.append(new.with_changes(comma=last.comma, whitespace_after_arg=last.whitespace_after_arg))
+    return call.with_changes(args=args)
+
+
+def _drop_kwarg(call: cst.Call, name: str) -> cst.Call:
+    args = list(call.args)
+    i = next(i for i, a in enumerate(args) if a.keyword and a.keyword.value == name)
+    removed = args.pop(i)
+    if i == len(args) and args:  # it was last: the new last argument takes over its comma and spacing
+        args[-1] = args[-1].with_changes(comma=removed.comma, whitespace_after_arg=removed.whitespace_after_arg)
+    return call.with_changes(args=args)
+
+
+# ---- imports ----------------------------------------------------------------------------------------
+
+
+def _add_imports(module: cst.Module, info: ScriptInfo, wanted: list[str], edits: list[str]) -> cst.Module:
+    """Add each import the applied code needs and the script lacks, after its last top-level import."""
+    missing: dict[str, list[str]] = {}  # module -> names ("" for `import x`)
+    for statement in dict.fromkeys(wanted):
+        if match := re.fullmatch(r"import (\w+)", statement):
+            if match.group(1) not in info.module_aliases:
+                missing.setdefault("", []).append(match.group(1))
+            continue
+        source, name, alias = re.fullmatch(r"from ([\w.]+) import (\w+)(?: as (\w+))?", statement).groups()
+        if info.imports.get(alias or name) != (source, name):
+            missing.setdefault(source, []).append(f"{name} as {alias}" if alias else name)
+    if not missing:
+        return module
+    lines = [f"import {n}" for n in missing.pop("", [])]
+    for source, names in missing.items():
+        plain = [n for n in names if " as " not in n]
+        if plain:
+            lines.append(f"from {source} import {', '.join(plain)}")
+        lines += [f"from {source} import {n}" for n in names if " as " in n]
+    body = list(module.body)
+    position = 0
+    for i, statement in enumerate(body):
+        if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], (cst.Import, cst.ImportFrom)):
+            position = i + 1
+        elif i == 0 and isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Expr) and isinstance(statement.body[0].value, cst.SimpleString):
+            position = 1  # after the docstring
+    new = [cst.parse_statement(line + "\n") for line in lines]
+    edits.append("added " + "; ".join(lines))
+    return module.with_changes(body=[*body[:position], *new, *body[position:]])

@@ -1,0 +1,157 @@
+"""The plan: one strategy choice for a whole pipeline, the same data everywhere.
+
+recommend produces plans, patch_script applies them to a script, run_trial proves them. A plan
+is checked against compatibility rules before anything uses it. Rules are data: each strategy
+module in ``tools/strategies/`` declares the ``Rule``s of its own technique, and ``check_plan``
+runs them all against what is known about the target (the device a script uses, the GPU's
+compute capability, which library each component comes from). A rule whose inputs are unknown
+is not applied: patching a script need not know the GPU, recommend does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import PipefitError
+
+QuantBackendName = Literal["bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo"]
+OffloadKind = Literal["none", "model", "sequential", "group_block", "group_leaf"]
+Library = Literal["diffusers", "transformers"]
+
+
+class _Strict(BaseModel):
+    # a misspelt field in a hand-written plan must be an error, not a silently ignored setting
+    model_config = ConfigDict(extra="forbid")
+
+
+class QuantizeSpec(_Strict):
+    backend: QuantBackendName
+    components: list[str] = Field(min_length=1)
+
+
+class LayerwiseCastingSpec(_Strict):
+    components: list[str] = Field(min_length=1)
+    storage_dtype: Literal["float8_e4m3fn", "float8_e5m2"] = "float8_e4m3fn"
+
+
+class GroupSpec(_Strict):
+    num_blocks_per_group: int = Field(1, ge=1)
+    use_stream: bool = False
+    low_cpu_mem_usage: bool = False
+    record_stream: bool = False
+    exclude: list[str] = Field(default_factory=list, description="components kept resident on the GPU")
+
+
+class VaeSpec(_Strict):
+    tiling: bool = False
+    slicing: bool = False
+
+
+class Plan(_Strict):
+    """How a pipeline is loaded and placed: quantization, fp8 casting, offloading, VAE, compile, attention."""
+
+    quantize: QuantizeSpec | None = None
+    layerwise_casting: LayerwiseCastingSpec | None = None
+    offload: OffloadKind = "none"
+    group: GroupSpec | None = None
+    vae: VaeSpec = Field(default_factory=VaeSpec)
+    compile: Literal["none", "regional", "full"] = "none"
+    attention_backend: str | None = None
+
+    @property
+    def group_settings(self) -> GroupSpec:
+        return self.group or GroupSpec()
+
+
+class Target(BaseModel):
+    """What is known about where a plan will run; ``None`` means unknown, and rules needing it are skipped."""
+
+    device_type: str | None = Field(None, description="cuda, cpu, mps, xpu ... as the script or machine says")
+    compute_capability: tuple[int, int] | None = None
+    component_libraries: dict[str, Library] | None = Field(
+        None, description="which library each component's class comes from"
+    )
+    component_classes: dict[str, str] | None = None
+    denoiser: Literal["unet", "transformer"] | None = None
+    versions: dict[str, str | None] | None = Field(None, description="installed package versions")
+
+    def library_of(self, component: str) -> Library:
+        """The library of ``component``'s class: known, or by diffusers' naming (text/image encoders
+        come from transformers in every diffusers pipeline; the rest are diffusers models)."""
+        if self.component_libraries and component in self.component_libraries:
+            return self.component_libraries[component]
+        return "transformers" if component.startswith(("text_encoder", "image_encoder")) else "diffusers"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One thing a plan must not do (``error``) or should know (``warning``), with the message a user sees.
+
+    ``breaks`` returns the offending detail (a component name, a setting) or ``None`` when the plan is
+    fine or the target lacks what the rule needs; ``message`` and ``fix`` are formatted with it as ``{0}``.
+    """
+
+    id: str
+    breaks: Callable[[Plan, Target], str | None]
+    message: str
+    fix: str
+    severity: Literal["error", "warning"] = "error"
+
+
+class Finding(BaseModel):
+    rule: str
+    severity: Literal["error", "warning"]
+    message: str
+
+
+def all_rules() -> tuple[Rule, ...]:
+    """Every strategy module's rules, in a stable order."""
+    from .strategies import attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
+
+    modules = (quantize, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
+    return tuple(rule for module in modules for rule in module.RULES)
+
+
+def check_plan(plan: Plan, target: Target | None = None) -> list[Finding]:
+    """Apply every compatibility rule to ``plan`` on ``target``; errors first."""
+    target = target or Target()
+    findings = []
+    for rule in all_rules():
+        detail = rule.breaks(plan, target)
+        if detail is not None:
+            text = f"{rule.message.format(detail)} {rule.fix.format(detail)}".strip()
+            findings.append(Finding(rule=rule.id, severity=rule.severity, message=text))
+    return sorted(findings, key=lambda f: f.severity != "error")
+
+
+def parse_plan(plan: str | dict | Plan) -> Plan:
+    """A plan from a model, a dict, inline JSON or the path of a JSON file; a clear error otherwise."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str):
+        text = plan.strip()
+        if not text.startswith("{"):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise PipefitError(
+                    f"The plan {plan!r} is neither inline JSON nor an existing file.",
+                    'Pass JSON such as \'{"offload": "model"}\' or the path of a .json file.',
+                )
+            text = path.read_text(encoding="utf-8")
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PipefitError(f"The plan is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.")
+    if not isinstance(plan, dict):
+        raise PipefitError("A plan must be a JSON object.", 'For example {"offload": "model"}.')
+    try:
+        return Plan.model_validate(plan)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'plan'}: {e['msg']}" for e in exc.errors())
+        raise PipefitError(f"The plan is not valid: {problems}.", "See the plan schema in README.md.")

@@ -1,0 +1,439 @@
+"""Reading a diffusers script: where it builds pipelines, how they reach the device, what configures them.
+
+Works on libcst's concrete syntax tree so the patcher can rewrite exactly those nodes and leave
+every comment and blank line as it was. Nothing here changes a tree.
+
+A pipeline is an assignment whose value is ``SomePipeline.from_pretrained(...)`` (or
+``from_single_file`` / ``from_pipe``, or a direct ``SomePipeline(...)``), optionally followed by
+``.to(...)`` / ``.cuda()``; the class is any name ending in ``Pipeline`` or starting with
+``AutoPipelineFor``. The statements the plan takes over ("managed") are those that place the
+pipeline or apply a memory/speed technique to it: ``.to(device)``, the offloading methods, layerwise
+casting, VAE tiling/slicing, compile, attention backends, and ``if``s made only of such statements.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import libcst as cst
+from libcst.metadata import MetadataWrapper, ParentNodeProvider, PositionProvider
+
+from .errors import PipefitError
+
+LOADERS = ("from_pretrained", "from_single_file", "from_pipe")
+PLACEMENT = ("to", "cuda")
+# pipeline methods a plan decides about
+PIPE_METHODS = frozenset({
+    "enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload",
+    "enable_vae_tiling", "enable_vae_slicing", "disable_vae_tiling", "disable_vae_slicing",
+})  # fmt: skip
+# component methods a plan decides about
+COMPONENT_METHODS = frozenset({
+    "enable_layerwise_casting", "compile_repeated_blocks", "compile", "set_attention_backend",
+    "enable_group_offload", "enable_tiling", "enable_slicing", "disable_tiling", "disable_slicing",
+})  # fmt: skip
+HOOK_FUNCTIONS = frozenset({"apply_group_offloading", "apply_layerwise_casting"})
+ATTENTION_METHODS = frozenset({"enable_xformers_memory_efficient_attention"})
+_DTYPE_ARG = re.compile(r"^(torch\.)?(b?float\d+|half|float|dtype|torch_dtype|\w*_dtype)$")
+# pipelines whose denoiser is a UNet (by class name or hub id); everything newer uses a transformer
+_UNET_PIPELINE = re.compile(r"StableDiffusion(?!3)|Kandinsky|^IF|AnimateDiff|StableVideo|I2VGen|LatentConsistency")
+_UNET_MODEL_ID = re.compile(r"stable-diffusion(?!-3)|sdxl|sd-turbo|kandinsky|playground|animatediff|dreamshaper", re.I)
+
+Container = cst.Module | cst.IndentedBlock
+
+
+@dataclass
+class ComponentLoad:
+    """A model the script loads itself and passes to a pipeline (``transformer=transformer``)."""
+
+    name: str  # the pipeline's component name
+    library: str | None  # diffusers / transformers, from the script's imports
+    class_name: str | None
+    call: cst.Call | None  # its X.from_pretrained(...) call, when found
+    line: int
+    shared_from: str | None = None  # ``base.vae``: another pipeline's component
+
+
+@dataclass
+class Creation:
+    """One pipeline the script builds."""
+
+    pipe: str  # the target expression's source: "pipe", "self.pipe"
+    statement: cst.SimpleStatementLine
+    assign: cst.Assign
+    loader: cst.Call  # the from_pretrained (or constructor) call
+    chain: list[cst.Call]  # placement calls chained after it, outermost first
+    class_name: str
+    model_id: str | None
+    line: int
+    scope: cst.CSTNode | None  # the enclosing FunctionDef, None at module level
+    components: dict[str, ComponentLoad] = field(default_factory=dict)
+
+    def kwarg(self, name: str) -> cst.Arg | None:
+        return next((a for a in self.loader.args if a.keyword and a.keyword.value == name), None)
+
+
+@dataclass
+class ScriptInfo:
+    module: cst.Module
+    creations: list[Creation]
+    managed: dict[int, tuple[str, cst.BaseStatement]]  # id(statement) -> (pipe, statement)
+    containers: dict[int, Container]  # id(statement) -> the block holding it
+    lines: dict[int, int]  # id(node) -> line
+    columns: dict[int, int]  # id(statement) -> column: its indentation
+    imports: dict[str, tuple[str, str]]  # local name -> (module, imported name)
+    module_aliases: dict[str, str]  # "d" -> "diffusers"
+    literals: dict[str, str]  # module-level NAME = "string"
+    devices: dict[str, str] = field(default_factory=dict)  # pipe -> device expression found
+    statement_of: dict[int, cst.BaseStatement] = field(default_factory=dict)  # id(call) -> its statement
+
+    def line_of(self, node: cst.CSTNode) -> int:
+        return self.lines.get(id(node), 0)
+
+    def code(self, node: cst.CSTNode) -> str:
+        return self.module.code_for_node(node).strip()
+
+
+def parse(source: str, filename: str = "script.py") -> cst.Module:
+    """The script's tree, or a PipefitError naming the line that does not parse."""
+    try:
+        return cst.parse_module(source)
+    except cst.ParserSyntaxError as exc:
+        raise PipefitError(
+            f"{filename} does not parse: line {exc.raw_line}, column {exc.raw_column + 1}: {exc.message}",
+            "Fix the syntax error first; pipefit patches only valid Python and changed nothing.",
+        ) from None
+
+
+def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
+    """Find the pipelines, their components and every statement a plan takes over."""
+    wrapper = MetadataWrapper(module, unsafe_skip_copy=True)
+    index = _Index()
+    wrapper.visit(index)
+    info = ScriptInfo(
+        module=module, creations=[], managed={}, containers=index.containers, lines=index.lines,
+        columns=index.columns, imports=index.imports, module_aliases=index.module_aliases, literals=index.literals,
+    )  # fmt: skip
+    for assign, statement in index.assigns:
+        creation = _creation(info, assign, statement, index)
+        if creation is not None:
+            info.creations.append(creation)
+    if not info.creations:
+        unassigned = [
+            f"line {info.line_of(call)}" for call in index.calls if _pipeline_loader(info, call) and id(call) not in index.assigned_values
+        ]
+        where = f" Found pipeline loading at {', '.join(unassigned)}, but not assigned to a name." if unassigned else ""
+        raise PipefitError(
+            f"No diffusers pipeline found in {filename}: looked for `pipe = SomePipeline.from_pretrained(...)`.{where}",
+            "Assign the pipeline to a variable (pipe = ...) and patch again; nothing was changed.",
+        )
+    pipes = {c.pipe for c in info.creations}
+    inside_managed: set[int] = set()  # statements of a managed `if`: they go with it
+    for statement, scope in index.statements:
+        if id(statement) in inside_managed:
+            continue
+        pipe = _managed_by(info, statement, pipes)
+        if pipe and any(c.pipe == pipe and c.scope is scope and info.line_of(statement) > c.line for c in info.creations):
+            info.managed[id(statement)] = (pipe, statement)
+            if isinstance(statement, cst.If):
+                inside_managed |= {id(n) for n in nodes_of(statement, cst.SimpleStatementLine, cst.If)}
+    for creation in info.creations:
+        _link_components(info, creation, index)
+    return info
+
+
+def qualified_class(info: ScriptInfo, expr: cst.BaseExpression) -> tuple[str | None, str] | None:
+    """(library, class name) of a class expression: ``FluxPipeline``, ``diffusers.FluxPipeline``."""
+    if isinstance(expr, cst.Name):
+        module, name = info.imports.get(expr.value, (None, expr.value))
+        return (module.split(".")[0] if module else None), name
+    if isinstance(expr, cst.Attribute) and isinstance(expr.value, cst.Name):
+        library = info.module_aliases.get(expr.value.value)
+        return (library, expr.attr.value) if library else None
+    return None
+
+
+def is_pipeline_class(name: str) -> bool:
+    return name == "DiffusionPipeline" or name.startswith("AutoPipelineFor") or name.endswith("Pipeline")
+
+
+def denoiser_of(creation: Creation) -> str | None:
+    """``unet`` or ``transformer`` when the class or the hub id tells; None when neither does."""
+    if creation.class_name not in ("DiffusionPipeline",) and not creation.class_name.startswith("AutoPipeline"):
+        return "unet" if _UNET_PIPELINE.search(creation.class_name) else "transformer"
+    if creation.model_id:
+        return "unet" if _UNET_MODEL_ID.search(creation.model_id) else "transformer"
+    return None
+
+
+def placement_device(info: ScriptInfo, call: cst.Call) -> str | None:
+    """The device expression of ``x.to(device...)`` / ``x.cuda()``; None for a dtype-only ``.to``."""
+    method = call.func.attr.value if isinstance(call.func, cst.Attribute) else None
+    if method == "cuda":
+        return '"cuda"' if not call.args else f'"cuda:{info.code(call.args[0].value)}"'
+    for arg in call.args:
+        if arg.keyword is not None:
+            if arg.keyword.value == "device":
+                return info.code(arg.value)
+            continue
+        text = info.code(arg.value)
+        if not _DTYPE_ARG.match(text):
+            return text
+    return None
+
+
+def device_type(info: ScriptInfo, device: str | None) -> str | None:
+    """cuda / cpu / mps when the device expression is a literal or a module-level literal; else None."""
+    if device is None:
+        return None
+    text = info.literals.get(device, device)
+    match = re.fullmatch(r"""(?:torch\.device\()?["']([a-z]+)(?::\d+)?["']\)?""", text)
+    return match.group(1) if match else None
+
+
+# ---- internals -----------------------------------------------------------------------------------
+
+
+class _Index(cst.CSTVisitor):
+    METADATA_DEPENDENCIES = (PositionProvider, ParentNodeProvider)
+
+    def __init__(self) -> None:
+        self.containers: dict[int, Container] = {}
+        self.lines: dict[int, int] = {}
+        self.columns: dict[int, int] = {}
+        self.imports: dict[str, tuple[str, str]] = {}
+        self.module_aliases: dict[str, str] = {}
+        self.literals: dict[str, str] = {}
+        self.assigns: list[tuple[cst.Assign, cst.SimpleStatementLine]] = []
+        self.statements: list[tuple[cst.BaseStatement, cst.CSTNode | None]] = []
+        self.calls: list[cst.Call] = []
+        self.argparse_defaults: dict[str, str] = {}
+        self.assigned_values: set[int] = set()
+        self.bindings: dict[str, list[tuple[int, cst.BaseExpression]]] = {}
+        self.binding_statements: list[tuple[int, cst.BaseExpression, cst.SimpleStatementLine]] = []
+        self._scopes: list[cst.CSTNode | None] = [None]
+
+    def _line(self, node: cst.CSTNode) -> None:
+        start = self.get_metadata(PositionProvider, node).start
+        self.lines[id(node)] = start.line
+        self.columns[id(node)] = start.column
+
+    def _body(self, container: Container) -> None:
+        for statement in container.body:
+            self.containers[id(statement)] = container
+            self.statements.append((statement, self._scopes[-1]))
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self._body(node)
+
+    def visit_IndentedBlock(self, node: cst.IndentedBlock) -> None:
+        self._body(node)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._scopes.append(node)
+
+    def leave_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self._scopes.pop()
+
+    def visit_SimpleStatementLine(self, node: cst.SimpleStatementLine) -> None:
+        self._line(node)
+
+    def visit_If(self, node: cst.If) -> None:
+        self._line(node)
+
+    def visit_For(self, node: cst.For) -> None:
+        self._line(node)
+
+    def visit_With(self, node: cst.With) -> None:
+        self._line(node)
+
+    def visit_Call(self, node: cst.Call) -> None:
+        self._line(node)
+        self.calls.append(node)
+        # parser.add_argument("--model", default="org/name"): what `args.model` holds unless overridden
+        if isinstance(node.func, cst.Attribute) and node.func.attr.value == "add_argument" and node.args:
+            flag, default = node.args[0].value, next((a.value for a in node.args if a.keyword and a.keyword.value == "default"), None)
+            if isinstance(flag, cst.SimpleString) and isinstance(default, cst.SimpleString):
+                dest = str(flag.evaluated_value).lstrip("-").replace("-", "_")
+                self.argparse_defaults[dest] = str(default.evaluated_value)
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        statement = self.get_metadata(ParentNodeProvider, node)
+        self._line(node)
+        self.assigned_values.add(id(node.value))
+        value = node.value
+        while isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value in PLACEMENT:
+            value = value.func.value
+            self.assigned_values.add(id(value))
+        if isinstance(statement, cst.SimpleStatementLine) and len(node.targets) == 1:
+            self.assigns.append((node, statement))
+            target = node.targets[0].target
+            if isinstance(target, cst.Name):
+                self.bindings.setdefault(target.value, []).append((self.lines[id(node)], node.value))
+                self.binding_statements.append((self.lines[id(node)], node.value, statement))
+                if self._scopes[-1] is None and isinstance(node.value, cst.SimpleString):
+                    self.literals[target.value] = node.value.value
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+        if node.module is None or isinstance(node.names, cst.ImportStar):
+            return
+        module = cst.Module([]).code_for_node(node.module)
+        for alias in node.names:
+            name = cst.Module([]).code_for_node(alias.name)
+            local = alias.asname.name.value if alias.asname else name
+            self.imports[local] = (module, name)
+
+    def visit_Import(self, node: cst.Import) -> None:
+        for alias in node.names:
+            name = cst.Module([]).code_for_node(alias.name)
+            local = alias.asname.name.value if alias.asname else name.split(".")[0]
+            self.module_aliases[local] = name.split(".")[0]
+
+
+def _pipeline_loader(info: ScriptInfo, call: cst.Call) -> str | None:
+    """The pipeline class name if ``call`` builds a pipeline."""
+    func = call.func
+    if isinstance(func, cst.Attribute) and func.attr.value in LOADERS:
+        cls = qualified_class(info, func.value)
+    else:
+        cls = qualified_class(info, func)
+    if cls is None or cls[0] not in (None, "diffusers") or not is_pipeline_class(cls[1]):
+        return None
+    return cls[1]
+
+
+def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStatementLine, index: _Index) -> Creation | None:
+    value, chain = assign.value, []
+    while isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value in PLACEMENT:
+        chain.append(value)
+        value = value.func.value
+    if not isinstance(value, cst.Call):
+        return None
+    class_name = _pipeline_loader(info, value)
+    if class_name is None:
+        return None
+    model_id = None
+    if value.args and value.args[0].keyword is None:
+        first = value.args[0].value
+        if isinstance(first, cst.SimpleString):
+            model_id = first.evaluated_value
+        elif isinstance(first, cst.Name) and first.value in info.literals:
+            model_id = cst.parse_expression(info.literals[first.value]).evaluated_value
+        elif isinstance(first, cst.Attribute) and first.attr.value in index.argparse_defaults:
+            model_id = index.argparse_defaults[first.attr.value]  # args.model: the option's default
+    pipe = info.code(assign.targets[0].target)
+    creation = Creation(
+        pipe=pipe, statement=statement, assign=assign, loader=value, chain=chain, class_name=class_name,
+        model_id=model_id if isinstance(model_id, str) else None, line=info.line_of(statement),
+        scope=next((s for st, s in index.statements if st is statement), None),
+    )  # fmt: skip
+    for call in chain:
+        device = placement_device(info, call)
+        if device:
+            info.devices.setdefault(pipe, device)
+    return creation
+
+
+def nodes_of(node: cst.CSTNode, *types: type) -> list:
+    """Every node of the given types inside ``node`` (itself included), in source order."""
+    found: list = []
+
+    class _Collect(cst.CSTVisitor):
+        def on_visit(self, visited: cst.CSTNode) -> bool:
+            if isinstance(visited, types):
+                found.append(visited)
+            return True
+
+    node.visit(_Collect())
+    return found
+
+
+def _receiver_and_method(call: cst.Call, info: ScriptInfo) -> tuple[str, str] | None:
+    if isinstance(call.func, cst.Attribute):
+        return info.code(call.func.value), call.func.attr.value
+    return None
+
+
+def _managed_by(info: ScriptInfo, statement: cst.BaseStatement, pipes: set[str]) -> str | None:
+    """The pipe whose plan governs ``statement``, if it is a statement the plan takes over."""
+    if isinstance(statement, cst.If):
+        branches, node = [], statement
+        while node is not None:
+            if not isinstance(node.body, cst.IndentedBlock):
+                return None
+            branches.append(node.body.body)
+            orelse = node.orelse
+            node = orelse if isinstance(orelse, cst.If) else None
+            if isinstance(orelse, cst.Else):
+                if not isinstance(orelse.body, cst.IndentedBlock):
+                    return None
+                branches.append(orelse.body.body)
+        owners = {_managed_by(info, s, pipes) for body in branches for s in body}
+        return owners.pop() if len(owners) == 1 and None not in owners else None
+    if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
+        return None
+    small = statement.body[0]
+    if isinstance(small, cst.Expr) and isinstance(small.value, cst.Call):
+        return _managed_call(info, small.value, pipes)
+    if isinstance(small, cst.Assign) and len(small.targets) == 1 and isinstance(small.value, cst.Call):
+        target = info.code(small.targets[0].target)
+        call = small.value
+        # pipe = pipe.to("cuda")
+        if target in pipes and _managed_call(info, call, pipes) == target:
+            return target
+        # pipe.transformer = torch.compile(pipe.transformer, ...)
+        if info.code(call.func) == "torch.compile" and call.args and info.code(call.args[0].value) == target:
+            owner = target.rsplit(".", 1)[0]
+            return owner if owner in pipes else None
+    return None
+
+
+def _managed_call(info: ScriptInfo, call: cst.Call, pipes: set[str]) -> str | None:
+    if isinstance(call.func, cst.Name) and call.func.value in HOOK_FUNCTIONS and call.args:
+        owner = info.code(call.args[0].value).rsplit(".", 1)[0]
+        return owner if owner in pipes else None
+    found = _receiver_and_method(call, info)
+    if found is None:
+        return None
+    receiver, method = found
+    if receiver in pipes:
+        if method in PLACEMENT:
+            return receiver if placement_device(info, call) else None
+        if method in PIPE_METHODS or method in ATTENTION_METHODS:
+            return receiver
+        return None
+    owner, _, component = receiver.rpartition(".")
+    if owner in pipes and method in COMPONENT_METHODS:
+        if method in ("enable_tiling", "enable_slicing", "disable_tiling", "disable_slicing") and component != "vae":
+            return None
+        return owner
+    return None
+
+
+def _link_components(info: ScriptInfo, creation: Creation, index: _Index) -> None:
+    """Components passed in as keyword arguments: where each one is loaded, or which pipe it comes from."""
+    pipes = {c.pipe for c in info.creations}
+    for arg in creation.loader.args:
+        if arg.keyword is None or isinstance(arg.value, (cst.SimpleString, cst.Integer)):
+            continue
+        name = arg.keyword.value
+        text = info.code(arg.value)
+        owner = text.rsplit(".", 1)[0] if "." in text else None
+        if owner in pipes:
+            creation.components[name] = ComponentLoad(name, None, None, None, info.line_of(arg.value) or creation.line, text)
+            continue
+        expr = arg.value
+        if isinstance(expr, cst.Name):
+            earlier = [v for line, v in index.bindings.get(expr.value, []) if line <= creation.line]
+            expr = earlier[-1] if earlier else None
+        while isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute) and expr.func.attr.value in PLACEMENT:
+            expr = expr.func.value
+        if not isinstance(expr, cst.Call) or not isinstance(expr.func, cst.Attribute) or expr.func.attr.value not in LOADERS:
+            if name in ("transformer", "unet", "vae", "controlnet") or name.startswith(("text_encoder", "image_encoder")):
+                creation.components[name] = ComponentLoad(name, None, None, None, creation.line)
+            continue
+        cls = qualified_class(info, expr.func.value)
+        library, class_name = cls if cls else (None, None)
+        info.statement_of[id(expr)] = next(st for line, v, st in index.binding_statements if v is expr) if isinstance(arg.value, cst.Name) else creation.statement
+        creation.components[name] = ComponentLoad(name, library, class_name, expr, info.line_of(expr))

@@ -1,0 +1,59 @@
+"""torch.compile of the denoiser: regional (each repeated block class compiled once) or whole.
+
+Regional compilation (``compile_repeated_blocks``) compiles in seconds what whole-model compilation
+takes minutes for, at nearly the same speed, but only models that list ``_repeated_blocks`` support
+it (Flux, Wan, QwenImage, UNet2DConditionModel ...; not SD3, CogVideoX, Sana, PixArt). The applied
+code checks that at run time and falls back to compiling the whole model. Offloading hooks cause
+graph breaks, so ``fullgraph=True`` is asked for only when nothing is offloaded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..plan import Rule
+from . import Code
+
+if TYPE_CHECKING:
+    from ..plan import Plan, Target
+    from . import Site
+
+
+def _lacks_repeated_blocks(plan: "Plan", target: "Target") -> str | None:
+    if plan.compile != "regional" or not target.component_classes:
+        return None
+    import diffusers
+
+    for name in ("transformer", "unet"):
+        cls = getattr(diffusers, target.component_classes.get(name, ""), None)
+        if cls is not None and not getattr(cls, "_repeated_blocks", None):
+            return cls.__name__
+    return None
+
+
+RULES = (
+    Rule(
+        "compile.regional_needs_repeated_blocks",
+        _lacks_repeated_blocks,
+        "{0} declares no _repeated_blocks, so regional compilation cannot apply "
+        "(diffusers: '`_repeated_blocks` attribute is empty').",
+        "Use compile 'full'.",
+    ),
+)
+
+
+def apply(plan: "Plan", site: "Site") -> Code:
+    """Compile the denoiser after it is placed (compilation is lazy: it happens on the first call)."""
+    if plan.compile == "none":
+        return Code()
+    model = f"{site.pipe}.{site.denoiser}"
+    fullgraph = "fullgraph=True" if plan.offload == "none" else ""
+    if plan.compile == "full":
+        return Code((f"{model}.compile({fullgraph})",), (), f"torch.compile of {site.denoiser}")
+    guarded = (
+        f'if getattr({model}, "_repeated_blocks", None):\n'
+        f"    {model}.compile_repeated_blocks({fullgraph})\n"
+        f"else:  # this model declares no repeated blocks: compile it whole\n"
+        f"    {model}.compile({fullgraph})"
+    )
+    return Code((guarded,), (), f"regional torch.compile of {site.denoiser}")
