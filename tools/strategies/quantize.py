@@ -168,7 +168,7 @@ RULES = (
         or None
         if plan.quantize and plan.layerwise_casting
         else None,
-        "{0} cannot be both quantized and layerwise-cast: the quantized weights are no longer plain tensors.",
+        "{0} is both quantized and layerwise-cast: a component's weights are stored one way, not two.",
         "Choose one technique per component.",
     ),
     Rule(
