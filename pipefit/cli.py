@@ -86,16 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def _detect(args: argparse.Namespace) -> int:
     from tools.hardware import detect_hardware
 
-    report = detect_hardware(bandwidth=args.bandwidth)
-    if args.json:
-        print(report.model_dump_json(indent=2))
-    else:
-        from rich.console import Console
-
-        from . import render
-
-        render.hardware(report, Console())
-    return 0
+    return _show(detect_hardware(bandwidth=args.bandwidth), args.json, "hardware")
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -109,13 +100,7 @@ def _measure(args: argparse.Namespace) -> int:
         result = measure_components(
             args.model, dtype=args.dtype, cache=not args.no_cache, progress=lambda message: spinner.update(message)
         )
-    if args.json:
-        print(result.model_dump_json(indent=2))
-    else:
-        from . import render
-
-        render.measurement(result, Console())
-    return 0
+    return _show(result, args.json, "measurement")
 
 
 def _triage(args: argparse.Namespace) -> int:
@@ -123,32 +108,29 @@ def _triage(args: argparse.Namespace) -> int:
 
     text = sys.stdin.read() if args.file == "-" else _read_text(args.file, "log")
     script = _read_text(args.script, "script") if args.script else None
-    result = triage_oom(text, script=script)
-    if args.json:
-        print(result.model_dump_json(indent=2))
-    else:
-        from rich.console import Console
-
-        from . import render
-
-        render.triage(result, Console())
-    return 0
+    return _show(triage_oom(text, script=script), args.json, "triage")
 
 
 def _patch(args: argparse.Namespace) -> int:
     from tools.patch import patch_script
 
     result = patch_script(args.script, args.plan, output=args.output)
-    if args.json:
-        print(result.model_dump_json(indent=2))
-    elif args.diff:
+    if args.diff and not args.json:
         sys.stdout.write(result.diff)
+        return 0
+    return _show(result, args.json, "patch", args.script)
+
+
+def _show(result, as_json: bool, view: str, *context) -> int:
+    """JSON for machines, or the table/text ``render.<view>`` draws for people."""
+    if as_json:
+        print(result.model_dump_json(indent=2))
     else:
         from rich.console import Console
 
         from . import render
 
-        render.patch(result, Console(), args.script)
+        getattr(render, view)(result, Console(), *context)
     return 0
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tools.hardware import HardwareReport
-from tools.measure import PipelineMeasurement
-from tools.patch import PatchResult
-from tools.triage import OomTriage
 from tools.units import format_bytes
+
+if TYPE_CHECKING:  # the models only annotate here; importing them would pull libcst into `pipefit detect`
+    from tools.hardware import HardwareReport
+    from tools.measure import PipelineMeasurement
+    from tools.patch import PatchResult
+    from tools.triage import OomTriage
 
 
 def hardware(report: HardwareReport, console: Console) -> None:

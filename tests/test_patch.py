@@ -230,6 +230,19 @@ def test_refuses_cuda_only_plans_for_a_cpu_script():
     assert patch_source(source, {"offload": "group_leaf"}).changed
 
 
+def test_quantizes_a_component_loaded_with_a_placement_chain():
+    source = (
+        "from diffusers import FluxPipeline, FluxTransformer2DModel\n"
+        "transformer = FluxTransformer2DModel.from_pretrained('x', subfolder='transformer').to('cuda')\n"
+        "pipe = FluxPipeline.from_pretrained('x', transformer=transformer)\npipe.to('cuda')\n"
+    )
+    plan = {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}}
+    result = patch_source(source, plan)
+    load = next(c for r, m, c in _calls(ast.parse(result.source)) if r == "FluxTransformer2DModel")
+    assert _kwarg(load, "quantization_config") == "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=torch.float32)"
+    assert not patch_source(result.source, plan).changed
+
+
 def test_refuses_to_quantize_a_component_it_cannot_trace():
     source = (
         "from diffusers import FluxPipeline\nfrom helpers import load_transformer\n"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 
 from .errors import PipefitError
 from .plan import Plan, Target, check_plan, parse_plan
-from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, nodes_of, parse, placement_device
+from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
 from .strategies import Code, Site, attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
@@ -103,7 +103,7 @@ class _Work:
     quant_var: str
     quant_statement: cst.SimpleStatementLine | None  # an existing `x = ...Config(...)` to replace
     quant_edit: str = ""
-    component_quant: dict[int, str] = field(default_factory=dict)  # id(component loader call) -> expression
+    component_quant: dict[int, tuple[str, cst.BaseStatement]] = field(default_factory=dict)  # id(load call) -> (expression, its statement)
     set_device_map: str | None = None  # '"cpu"'
     drop_device_map: bool = False
     anchor: cst.BaseStatement | None = None  # managed statement the block replaces ...
@@ -165,8 +165,9 @@ def _site(info: ScriptInfo, creation: Creation, plan: Plan, warnings: list[str])
 def _device(info: ScriptInfo, creation: Creation) -> str | None:
     """The device the script puts this pipeline on, as source: from `.to(...)`, an offloading call's
     device, or a device-type ``device_map``."""
-    if creation.pipe in info.devices:
-        return info.devices[creation.pipe]
+    for call in creation.chain:
+        if device := placement_device(info, call):
+            return device
     for owner, statement in info.managed.values():
         if owner != creation.pipe:
             continue
@@ -218,11 +219,11 @@ def _prepare_quantization(
                 f"Load it in this script with {name} = SomeModel.from_pretrained(...), or leave {name} out of the plan. "
                 "Nothing was changed.",
             )
-        elif any(a.keyword and a.keyword.value == "quantization_config" for a in component.call.args):
+        elif keyword_arg(component.call, "quantization_config") is not None:
             warnings.append(f"{name} (line {component.line}) already has a quantization_config; left as it is.")
         else:
             code = quantize.model_config(plan.quantize.backend, target.library_of(name), site)
-            work.component_quant[id(component.call)] = code.statements[0]
+            work.component_quant[id(component.call)] = (code.statements[0], component.statement)
             work.imports += code.imports
     if at_load:
         code = quantize.pipeline_config(plan.quantize, at_load, site, target)
@@ -289,11 +290,10 @@ def _find_anchor(info: ScriptInfo, work: _Work) -> None:
 class _Rewriter(cst.CSTTransformer):
     def __init__(self, info: ScriptInfo, work: list[_Work], edits: list[str]):
         self.info = info
-        self.work = work
         self.edits = edits
         self.loaders = {id(w.creation.loader): w for w in work}
         self.assigns = {id(w.creation.assign): w for w in work}
-        self.component_calls = {key: (w, expr, info.statement_of[key]) for w in work for key, expr in w.component_quant.items()}
+        self.component_calls = {key: found for w in work for key, found in w.component_quant.items()}
         self.anchors = {id(w.anchor): w for w in work if w.anchor is not None}
         self.afters: dict[int, list[_Work]] = {}
         for w in work:
@@ -306,7 +306,7 @@ class _Rewriter(cst.CSTTransformer):
     def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
         line = self.info.line_of(original)
         if id(original) in self.component_calls:
-            work, expr, statement = self.component_calls[id(original)]
+            expr, statement = self.component_calls[id(original)]
             self.edits.append(f"line {line}: load it quantized: quantization_config={expr}")
             return self._fit(original, _set_kwarg(updated, "quantization_config", cst.parse_expression(expr)), statement)
         work = self.loaders.get(id(original))
@@ -447,7 +447,7 @@ def _first_line(statement: cst.BaseStatement) -> str:
 
 
 def _kwarg_code(info: ScriptInfo, call: cst.Call, name: str) -> str | None:
-    arg = next((a for a in call.args if a.keyword and a.keyword.value == name), None)
+    arg = keyword_arg(call, name)
     return info.code(arg.value) if arg else None
 
 

@@ -43,6 +43,20 @@ _UNET_MODEL_ID = re.compile(r"stable-diffusion(?!-3)|sdxl|sd-turbo|kandinsky|pla
 Container = cst.Module | cst.IndentedBlock
 
 
+def keyword_arg(call: cst.Call, name: str) -> cst.Arg | None:
+    """The ``name=...`` argument of ``call``, if given."""
+    return next((a for a in call.args if a.keyword and a.keyword.value == name), None)
+
+
+def unchain(expr: cst.BaseExpression) -> tuple[cst.BaseExpression, list[cst.Call]]:
+    """``X.from_pretrained(...).to("cuda")`` -> (the inner expression, the placement calls, outermost first)."""
+    chain = []
+    while isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute) and expr.func.attr.value in PLACEMENT:
+        chain.append(expr)
+        expr = expr.func.value
+    return expr, chain
+
+
 @dataclass
 class ComponentLoad:
     """A model the script loads itself and passes to a pipeline (``transformer=transformer``)."""
@@ -52,6 +66,7 @@ class ComponentLoad:
     class_name: str | None
     call: cst.Call | None  # its X.from_pretrained(...) call, when found
     line: int
+    statement: cst.BaseStatement | None = None  # the statement holding that call
     shared_from: str | None = None  # ``base.vae``: another pipeline's component
 
 
@@ -71,7 +86,7 @@ class Creation:
     components: dict[str, ComponentLoad] = field(default_factory=dict)
 
     def kwarg(self, name: str) -> cst.Arg | None:
-        return next((a for a in self.loader.args if a.keyword and a.keyword.value == name), None)
+        return keyword_arg(self.loader, name)
 
 
 @dataclass
@@ -85,8 +100,6 @@ class ScriptInfo:
     imports: dict[str, tuple[str, str]]  # local name -> (module, imported name)
     module_aliases: dict[str, str]  # "d" -> "diffusers"
     literals: dict[str, str]  # module-level NAME = "string"
-    devices: dict[str, str] = field(default_factory=dict)  # pipe -> device expression found
-    statement_of: dict[int, cst.BaseStatement] = field(default_factory=dict)  # id(call) -> its statement
 
     def line_of(self, node: cst.CSTNode) -> int:
         return self.lines.get(id(node), 0)
@@ -210,8 +223,8 @@ class _Index(cst.CSTVisitor):
         self.calls: list[cst.Call] = []
         self.argparse_defaults: dict[str, str] = {}
         self.assigned_values: set[int] = set()
-        self.bindings: dict[str, list[tuple[int, cst.BaseExpression]]] = {}
-        self.binding_statements: list[tuple[int, cst.BaseExpression, cst.SimpleStatementLine]] = []
+        # name -> (line, value, statement) of each simple assignment to it
+        self.bindings: dict[str, list[tuple[int, cst.BaseExpression, cst.SimpleStatementLine]]] = {}
         self._scopes: list[cst.CSTNode | None] = [None]
 
     def _line(self, node: cst.CSTNode) -> None:
@@ -253,7 +266,8 @@ class _Index(cst.CSTVisitor):
         self.calls.append(node)
         # parser.add_argument("--model", default="org/name"): what `args.model` holds unless overridden
         if isinstance(node.func, cst.Attribute) and node.func.attr.value == "add_argument" and node.args:
-            flag, default = node.args[0].value, next((a.value for a in node.args if a.keyword and a.keyword.value == "default"), None)
+            flag, default = node.args[0].value, keyword_arg(node, "default")
+            default = default.value if default else None
             if isinstance(flag, cst.SimpleString) and isinstance(default, cst.SimpleString):
                 dest = str(flag.evaluated_value).lstrip("-").replace("-", "_")
                 self.argparse_defaults[dest] = str(default.evaluated_value)
@@ -261,17 +275,12 @@ class _Index(cst.CSTVisitor):
     def visit_Assign(self, node: cst.Assign) -> None:
         statement = self.get_metadata(ParentNodeProvider, node)
         self._line(node)
-        self.assigned_values.add(id(node.value))
-        value = node.value
-        while isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value in PLACEMENT:
-            value = value.func.value
-            self.assigned_values.add(id(value))
+        self.assigned_values.add(id(unchain(node.value)[0]))
         if isinstance(statement, cst.SimpleStatementLine) and len(node.targets) == 1:
             self.assigns.append((node, statement))
             target = node.targets[0].target
             if isinstance(target, cst.Name):
-                self.bindings.setdefault(target.value, []).append((self.lines[id(node)], node.value))
-                self.binding_statements.append((self.lines[id(node)], node.value, statement))
+                self.bindings.setdefault(target.value, []).append((self.lines[id(node)], node.value, statement))
                 if self._scopes[-1] is None and isinstance(node.value, cst.SimpleString):
                     self.literals[target.value] = node.value.value
 
@@ -304,10 +313,7 @@ def _pipeline_loader(info: ScriptInfo, call: cst.Call) -> str | None:
 
 
 def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStatementLine, index: _Index) -> Creation | None:
-    value, chain = assign.value, []
-    while isinstance(value, cst.Call) and isinstance(value.func, cst.Attribute) and value.func.attr.value in PLACEMENT:
-        chain.append(value)
-        value = value.func.value
+    value, chain = unchain(assign.value)
     if not isinstance(value, cst.Call):
         return None
     class_name = _pipeline_loader(info, value)
@@ -328,10 +334,6 @@ def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStateme
         model_id=model_id if isinstance(model_id, str) else None, line=info.line_of(statement),
         scope=next((s for st, s in index.statements if st is statement), None),
     )  # fmt: skip
-    for call in chain:
-        device = placement_device(info, call)
-        if device:
-            info.devices.setdefault(pipe, device)
     return creation
 
 
@@ -421,19 +423,17 @@ def _link_components(info: ScriptInfo, creation: Creation, index: _Index) -> Non
         text = info.code(arg.value)
         owner = text.rsplit(".", 1)[0] if "." in text else None
         if owner in pipes:
-            creation.components[name] = ComponentLoad(name, None, None, None, info.line_of(arg.value) or creation.line, text)
+            creation.components[name] = ComponentLoad(name, None, None, None, info.line_of(arg.value) or creation.line, shared_from=text)
             continue
-        expr = arg.value
+        expr, statement = arg.value, creation.statement
         if isinstance(expr, cst.Name):
-            earlier = [v for line, v in index.bindings.get(expr.value, []) if line <= creation.line]
-            expr = earlier[-1] if earlier else None
-        while isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute) and expr.func.attr.value in PLACEMENT:
-            expr = expr.func.value
+            earlier = [(v, st) for line, v, st in index.bindings.get(expr.value, []) if line <= creation.line]
+            expr, statement = earlier[-1] if earlier else (None, None)
+        expr = unchain(expr)[0] if expr is not None else None
         if not isinstance(expr, cst.Call) or not isinstance(expr.func, cst.Attribute) or expr.func.attr.value not in LOADERS:
             if name in ("transformer", "unet", "vae", "controlnet") or name.startswith(("text_encoder", "image_encoder")):
                 creation.components[name] = ComponentLoad(name, None, None, None, creation.line)
             continue
         cls = qualified_class(info, expr.func.value)
         library, class_name = cls if cls else (None, None)
-        info.statement_of[id(expr)] = next(st for line, v, st in index.binding_statements if v is expr) if isinstance(arg.value, cst.Name) else creation.statement
-        creation.components[name] = ComponentLoad(name, library, class_name, expr, info.line_of(expr))
+        creation.components[name] = ComponentLoad(name, library, class_name, expr, info.line_of(expr), statement=statement)
