@@ -15,11 +15,19 @@ import warnings
 from tools.errors import PipefitError
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1  # `pipefit trial`: the script ran and did not succeed; the result says how
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `trial SCRIPT [options] -- ARGS`: what follows -- is the script's, options included
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(passthrough) - 1] if "--" in argv else argv)
+    if passthrough and not hasattr(args, "script_args"):
+        parser.error("arguments after -- are only for `pipefit trial`")
+    if hasattr(args, "script_args"):
+        args.script_args = passthrough
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -80,6 +88,25 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--diff", action="store_true", help="print only the unified diff (for `patch -p1`/`git apply`)")
     patch.add_argument("--json", action="store_true", help="machine-readable output")
     patch.set_defaults(run=_patch)
+
+    trial = commands.add_parser(
+        "trial",
+        usage="pipefit trial SCRIPT [options] [-- SCRIPT_ARGS ...]",
+        help="run a script (or a plan applied to it) in a child process: real peak VRAM/RAM, step times, outcome",
+        description="Runs SCRIPT as `python SCRIPT SCRIPT_ARGS` would, in a child process, and measures it: peak "
+        "VRAM as the driver sees it, PyTorch's peaks, peak RSS, time per step. The script is never modified; with "
+        "--plan a patched copy runs. Outcome: ok, cuda_oom, host_oom, timeout or error (exit status 0 only for ok).",
+    )
+    trial.add_argument("script", metavar="SCRIPT")
+    trial.add_argument("--plan", metavar="PLAN", help="apply this plan first (inline JSON or a .json file)")
+    trial.add_argument("--vram-cap", metavar="SIZE", help="simulate a smaller GPU, e.g. 12GiB (needs an NVIDIA GPU)")
+    trial.add_argument("--ram-cap", metavar="SIZE", help="stop the run when its RAM passes SIZE (a simulated host)")
+    trial.add_argument("--timeout", type=float, metavar="S", help="stop it after S seconds (default: 30 min; 0: none)")
+    trial.add_argument("--cwd", metavar="DIR", help="run in DIR (default: here)")
+    trial.add_argument("--python", metavar="PY", help="the interpreter to run SCRIPT with (default: pipefit's)")
+    trial.add_argument("--log-dir", metavar="DIR", help="keep the log here (default: ~/.cache/pipefit/trials)")
+    trial.add_argument("--json", action="store_true", help="machine-readable output")
+    trial.set_defaults(run=_trial, script_args=[])
     return parser
 
 
@@ -119,6 +146,21 @@ def _patch(args: argparse.Namespace) -> int:
         sys.stdout.write(result.diff)
         return 0
     return _show(result, args.json, "patch", args.script)
+
+
+def _trial(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tools.trial import run_trial
+
+    limit = {} if args.timeout is None else {"timeout": args.timeout or None}
+    with Console(stderr=True).status("Starting", spinner="dots") as spinner:
+        result = run_trial(
+            args.script, args.plan, args=args.script_args, vram_cap=args.vram_cap, ram_cap=args.ram_cap,
+            cwd=args.cwd, python=args.python, log_dir=args.log_dir, progress=spinner.update, **limit,
+        )  # fmt: skip
+    _show(result, args.json, "trial")
+    return 0 if result.outcome == "ok" else EXIT_RUN_FAILED
 
 
 def _show(result, as_json: bool, view: str, *context) -> int:

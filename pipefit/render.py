@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the models only annotate here; importing them would pull li
     from tools.measure import PipelineMeasurement
     from tools.patch import PatchResult
     from tools.triage import OomTriage
+    from tools.trial import TrialResult
 
 
 def hardware(report: HardwareReport, console: Console) -> None:
@@ -147,3 +148,67 @@ def patch(result: PatchResult, console: Console, script: str) -> None:
             style = next((s for prefix, s in styles.items() if line.startswith(prefix)), None)
             console.print(escape(line), style=style, soft_wrap=True, highlight=False)
         console.print("[dim]Nothing written: add -o OUT to write the patched script.[/]")
+
+
+def trial(result: TrialResult, console: Console) -> None:
+    style = "green" if result.outcome == "ok" else "red"
+    ran = f" (patched copy: {escape(result.ran)})" if result.ran != result.script else ""
+    console.print(f"[bold {style}]{result.outcome}[/] in {result.seconds:.1f} s: {escape(result.script)}{ran}")
+    if result.error:
+        console.print(escape(result.error), highlight=False)
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    source = {"nvml_process": "NVML, this run's processes", "nvml_device": "NVML, device growth since start"}
+    vram = format_bytes(result.peak_vram_bytes) if result.peak_vram_bytes is not None else "- (no GPU)"
+    if result.vram_source:
+        vram += f"  ({source[result.vram_source]})"
+    table.add_row("peak VRAM", vram)
+    table.add_row("torch allocated / reserved", f"{format_bytes(result.peak_torch_allocated_bytes)} / "
+                  f"{format_bytes(result.peak_torch_reserved_bytes)}")  # fmt: skip
+    table.add_row("peak RAM (RSS)", format_bytes(result.peak_rss_bytes))
+    if result.vram_cap_bytes is not None:
+        table.add_row("VRAM cap", f"{format_bytes(result.vram_cap_bytes)} (simulated)")
+    if result.ram_cap_bytes is not None:
+        table.add_row("RAM cap", format_bytes(result.ram_cap_bytes))
+    if result.oom is not None:
+        oom = result.oom
+        where = ", ".join(filter(None, (oom.stage, oom.component)))
+        if where:
+            table.add_row("failed in", escape(where))
+        for label, value in (("tried to allocate", oom.tried_to_allocate_bytes), ("free then", oom.free_bytes),
+                             ("short by", oom.shortfall_bytes), ("allowed (cap)", oom.allowed_bytes)):  # fmt: skip
+            if value is not None:
+                table.add_row(label, format_bytes(value))
+    if result.seconds_before_first_call is not None:
+        table.add_row("before the first call", f"{result.seconds_before_first_call:.1f} s (imports, loading)")
+    for number, call in enumerate(result.calls, 1):
+        table.add_row(f"call {number}", escape(_call_summary(call)))
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    if result.simulation:
+        console.print(escape(result.simulation), style="dim")
+    for line in (result.oom.advice[:2] if result.oom else []):
+        console.print(f"- {escape(line)}", highlight=False)
+    if result.outcome in ("error", "timeout") and result.output_tail.strip():
+        console.print("[bold]output (tail):[/]")
+        console.print(escape("\n".join(result.output_tail.splitlines()[-15:])), highlight=False, soft_wrap=True)
+    console.print(f"log: {escape(result.log_path)}", style="dim")
+
+
+def _call_summary(call) -> str:
+    parts = [call.pipeline]
+    steps = call.step_seconds
+    if steps:
+        median = sorted(steps)[len(steps) // 2]
+        parts.append(f"{len(steps)}/{call.steps_expected or len(steps)} steps, median {median:.3f} s/step")
+    elif not call.ok:
+        parts.append("no step completed")
+    if call.before_first_step_seconds is not None:
+        parts.append(f"{call.before_first_step_seconds:.2f} s before the first step")
+    if call.after_last_step_seconds is not None:
+        parts.append(f"{call.after_last_step_seconds:.2f} s after the last")
+    if call.seconds is not None:
+        parts.append(f"{call.seconds:.2f} s in all" if call.ok else "raised")
+    return ", ".join(parts)

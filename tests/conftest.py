@@ -26,6 +26,31 @@ def tiny_dirs(tmp_path_factory):
     return {kind: tiny_pipelines.write(kind, root / kind) for kind in tiny_pipelines.KINDS}
 
 
+HUB_IDS = {
+    "black-forest-labs/FLUX.1-dev": "flux", "black-forest-labs/FLUX.1-schnell": "flux",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl", "madebyollin/sdxl-vae-fp16-fix": "sdxl/vae",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def fake_hub(tmp_path_factory):
+    """A Hugging Face cache holding tiny pipelines (VAEs at the real 8x scale) under real model ids."""
+    import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("fake-hub")
+    built = {kind: tiny_pipelines.write(kind, root / "built" / kind, full_scale_vae=True) for kind in tiny_pipelines.KINDS}
+    cache = root / "hub"
+    for repo, source in HUB_IDS.items():
+        kind, _, sub = source.partition("/")
+        entry = cache / f"models--{repo.replace('/', '--')}"
+        (entry / "refs").mkdir(parents=True)
+        (entry / "refs" / "main").write_text("0" * 40)
+        (entry / "snapshots").mkdir()
+        (entry / "snapshots" / ("0" * 40)).symlink_to(built[kind] / sub if sub else built[kind])
+    return cache
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -186,6 +186,24 @@ def cgroup_memory_limit(cgroup_root: Path, proc_cgroup: Path) -> tuple[int | Non
     return None, None
 
 
+def cgroup_oom_kills(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """How many processes the kernel has OOM-killed in this container; None where no cgroup tells.
+
+    cgroup v2 counts them in ``memory.events``, v1 in ``memory.oom_control``.
+    """
+    own = _own_cgroup_path(proc_cgroup)
+    candidates = (cgroup_root / own / "memory.events", cgroup_root / "memory.events")
+    for events in (*candidates, cgroup_root / "memory" / "memory.oom_control"):
+        try:
+            for line in events.read_text().splitlines():
+                name, _, count = line.partition(" ")
+                if name == "oom_kill":
+                    return int(count)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _own_cgroup_path(proc_cgroup: Path) -> str:
     try:
         for line in proc_cgroup.read_text().splitlines():

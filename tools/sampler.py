@@ -1,0 +1,154 @@
+"""Peak memory of a running process tree: host RSS from psutil, device memory from NVML.
+
+Sampled from outside the process, in a thread of the caller, so that what is measured costs the
+measured process nothing and survives its being killed. Device memory is what the driver sees
+(CUDA context included; shared/design.md's "peak VRAM"), attributed to the tree's own processes
+where NVML lists them; inside a container whose PID namespace hides them from NVML, it falls back
+to the growth of the device's used memory since sampling began, and says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Literal
+
+import psutil
+
+VramSource = Literal["nvml_process", "nvml_device"]
+INTERVAL_S = 0.02
+RESCAN_S = 0.5  # listing descendants reads every process in /proc: ~1 ms, too dear for every sample
+
+
+class Nvml:
+    """The few NVML calls the sampler needs; absent (``available`` False) without a driver."""
+
+    def __init__(self):
+        self.available = False
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # no package, no driver library, no GPU: no device figures
+            return
+        self._nvml = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        self.available = bool(self._handles)
+
+    def total(self) -> list[int]:
+        """Capacity in bytes per device."""
+        return [self._nvml.nvmlDeviceGetMemoryInfo(h).total for h in self._handles]
+
+    def used(self) -> list[int]:
+        """Used bytes per device, every process included."""
+        return [self._nvml.nvmlDeviceGetMemoryInfo(h).used for h in self._handles]
+
+    def by_pid(self) -> list[dict[int, int]]:
+        """Per device, {pid: bytes} for the processes NVML can attribute memory to."""
+        result = []
+        for handle in self._handles:
+            try:
+                processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception:
+                processes = []
+            result.append({p.pid: p.usedGpuMemory for p in processes if p.usedGpuMemory is not None})
+        return result
+
+    def close(self) -> None:
+        if self.available:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                pass
+
+
+class TreeSampler:
+    """Samples a process and its descendants every ``interval`` seconds from ``start(pid)`` to ``stop()``.
+
+    Create it before starting the process: device memory in use then is the baseline others hold.
+
+    ``peak_rss_bytes`` is the largest sum of the tree's resident sets; ``peak_vram_bytes`` the
+    largest device memory of the tree on any one GPU (what must fit on a card), with
+    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum.
+    """
+
+    def __init__(self, nvml: Nvml | None = None, interval: float = INTERVAL_S):
+        self.pid = -1
+        self.interval = interval
+        self.nvml = nvml if nvml is not None and nvml.available else None
+        self.baseline_used = self.nvml.used() if self.nvml else []
+        self.rss_bytes = 0
+        self.peak_rss_bytes = 0
+        self.processes: dict[int, psutil.Process] = {}  # every process of the tree seen so far
+        self._tree: list[psutil.Process] = []
+        self._scanned = float("-inf")
+        self._peak_by_process = [0] * len(self.baseline_used)
+        self._peak_device_growth = [0] * len(self.baseline_used)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pipefit-sampler", daemon=True)
+
+    def start(self, pid: int) -> TreeSampler:
+        self.pid = pid
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def vram_source(self) -> VramSource | None:
+        if self.nvml is None:
+            return None
+        return "nvml_process" if any(self._peak_by_process) else "nvml_device"
+
+    @property
+    def peak_vram_bytes(self) -> int | None:
+        if self.nvml is None:
+            return None
+        peaks = self._peak_by_process if any(self._peak_by_process) else self._peak_device_growth
+        return max(peaks, default=0)
+
+    def tree_holds_gpu_memory(self) -> bool | None:
+        """Whether any process of the tree (as last seen) still holds device memory; None if unknowable."""
+        if self.nvml is None:
+            return None
+        if self.vram_source == "nvml_process":
+            return any(pid in self.processes for device in self.nvml.by_pid() for pid in device)
+        slack = 64 * 2**20  # other processes' small fluctuations
+        return any(used > base + slack for used, base in zip(self.nvml.used(), self.baseline_used))
+
+    def sample(self) -> None:
+        """Take one sample now (the thread calls this; tests may too)."""
+        now = time.monotonic()
+        if now - self._scanned > RESCAN_S:
+            try:
+                root = psutil.Process(self.pid)
+                self._tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                return
+            self._scanned = now
+            for process in self._tree:
+                self.processes.setdefault(process.pid, process)
+        rss, live = 0, set()
+        for process in self._tree:
+            try:
+                rss += process.memory_info().rss
+            except psutil.Error:  # it exited since the last listing
+                continue
+            live.add(process.pid)
+        self.rss_bytes = rss
+        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        if self.nvml is None:
+            return
+        for index, (by_pid, used) in enumerate(zip(self.nvml.by_pid(), self.nvml.used())):
+            mine = sum(b for pid, b in by_pid.items() if pid in live)
+            self._peak_by_process[index] = max(self._peak_by_process[index], mine)
+            growth = used - self.baseline_used[index]
+            self._peak_device_growth[index] = max(self._peak_device_growth[index], growth)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.sample()
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
