@@ -166,7 +166,10 @@ def trial(result: TrialResult, console: Console) -> None:
     table.add_row("peak VRAM", vram)
     table.add_row("torch allocated / reserved", f"{format_bytes(result.peak_torch_allocated_bytes)} / "
                   f"{format_bytes(result.peak_torch_reserved_bytes)}")  # fmt: skip
-    table.add_row("peak RAM (RSS)", format_bytes(result.peak_rss_bytes))
+    phases = [(label, value) for label, value in (("loading", result.peak_rss_load_bytes),
+              ("running", result.peak_rss_run_bytes)) if value is not None]  # fmt: skip
+    split = f"  ({', '.join(f'{label} {format_bytes(value)}' for label, value in phases)})" if phases else ""
+    table.add_row("peak RAM (RSS)", format_bytes(result.peak_rss_bytes) + split)
     if result.vram_cap_bytes is not None:
         table.add_row("VRAM cap", f"{format_bytes(result.vram_cap_bytes)} (simulated)")
     if result.ram_cap_bytes is not None:

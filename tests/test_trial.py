@@ -71,6 +71,10 @@ def test_without_a_gpu_the_gpu_figures_are_null_and_ram_is_measured(tiny_run):
     assert result.peak_torch_allocated_bytes is None and result.peak_torch_reserved_bytes is None
     # torch + diffusers + a pipeline are resident: far more than an idle interpreter's ~10 MiB
     assert result.peak_rss_bytes > 150 * 2**20
+    # loading (imports, from_pretrained) and running (the calls) are told apart
+    assert result.peak_rss_load_bytes > 150 * 2**20 and result.peak_rss_run_bytes > 150 * 2**20
+    # sampled every 20 ms; the whole-run peak also has the kernel's exact high-water mark (wait4)
+    assert max(result.peak_rss_load_bytes, result.peak_rss_run_bytes) <= result.peak_rss_bytes
 
 
 def test_the_output_is_kept_whole_in_the_log_and_its_tail_in_the_result(tiny_run):

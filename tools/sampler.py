@@ -69,7 +69,8 @@ class TreeSampler:
 
     ``peak_rss_bytes`` is the largest sum of the tree's resident sets; ``peak_vram_bytes`` the
     largest device memory of the tree on any one GPU (what must fit on a card), with
-    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum.
+    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum, and
+    ``peak_rss_by_phase`` the peak within each phase the caller names with ``set_phase``.
     """
 
     def __init__(self, nvml: Nvml | None = None, interval: float = INTERVAL_S):
@@ -79,6 +80,8 @@ class TreeSampler:
         self.baseline_used = self.nvml.used() if self.nvml else []
         self.rss_bytes = 0
         self.peak_rss_bytes = 0
+        self.phase = "start"
+        self.peak_rss_by_phase: dict[str, int] = {}
         self.processes: dict[int, psutil.Process] = {}  # every process of the tree seen so far
         self._tree: list[psutil.Process] = []
         self._scanned = float("-inf")
@@ -91,6 +94,10 @@ class TreeSampler:
         self.pid = pid
         self._thread.start()
         return self
+
+    def set_phase(self, name: str) -> None:
+        """Peaks from now on count for ``name`` (e.g. loading, then running)."""
+        self.phase = name
 
     def stop(self) -> None:
         self._stop.set()
@@ -139,6 +146,7 @@ class TreeSampler:
             live.add(process.pid)
         self.rss_bytes = rss
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
+        self.peak_rss_by_phase[self.phase] = max(self.peak_rss_by_phase.get(self.phase, 0), rss)
         if self.nvml is None:
             return
         for index, (by_pid, used) in enumerate(zip(self.nvml.by_pid(), self.nvml.used())):

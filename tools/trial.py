@@ -66,6 +66,8 @@ class TrialResult(BaseModel):
     peak_torch_allocated_bytes: int | None = None
     peak_torch_reserved_bytes: int | None = None
     peak_rss_bytes: int = Field(description="resident memory of the child's process tree at its peak")
+    peak_rss_load_bytes: int | None = Field(None, description="the RSS peak before the first pipeline call: loading")
+    peak_rss_run_bytes: int | None = Field(None, description="the RSS peak from the first pipeline call on")
     step_seconds: list[float] = Field(description="the last pipeline call's steps; every call's are in calls")
     vram_cap_bytes: int | None = None
     oom: OomTriage | None = None
@@ -200,7 +202,11 @@ class _Run:
     patch_edits: list[str]
     warnings: list[str]
     events: list[dict] = field(default_factory=list)
+    sampler: TreeSampler = field(init=False)
     _read_offset: int = 0
+
+    def __post_init__(self):
+        self.sampler = TreeSampler(self.nvml)  # before the child starts: its baseline is the others'
 
     @property
     def log_path(self) -> Path:
@@ -212,7 +218,7 @@ class _Run:
 
     def execute(self) -> TrialResult:
         config = {"events": str(self.events_path), "import_dir": str(self.script), "vram_cap_bytes": self.vram_cap}
-        sampler = TreeSampler(self.nvml)
+        sampler = self.sampler
         if self.gpu is not None:
             config["others_bytes"] = sampler.baseline_used[self.gpu[0]]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", trial_runner.CONFIG_ENV: json.dumps(config)}
@@ -228,36 +234,39 @@ class _Run:
                 )  # fmt: skip
             except OSError as exc:
                 raise PipefitError(f"Cannot start {self.python!r}: {exc.strerror}.", "Pass an existing interpreter.")
+        sampler.set_phase("load")
         sampler.start(child.pid)
         stopped_for, max_rss = None, None
         try:
-            stopped_for, max_rss = self._watch(child, sampler, started)
+            stopped_for, max_rss = self._watch(child, started)
         finally:
             sampler.stop()
             if child.returncode is None:  # interrupted (Ctrl-C): leave nothing running
-                self._stop_tree(child, sampler)
+                self._stop_tree(child)
         seconds = time.monotonic() - started
-        leftovers = self._stop_leftovers(child, sampler)
+        leftovers = self._stop_leftovers(child)
         self._read_events()
         result = TrialResult(
-            outcome="ok", seconds=round(seconds, 3), peak_rss_bytes=max(sampler.peak_rss_bytes, max_rss or 0),
-            step_seconds=[], vram_cap_bytes=self.vram_cap, ram_cap_bytes=self.ram_cap, log_path=str(self.log_path),
+            outcome="ok", seconds=round(seconds, 3), step_seconds=[], log_path=str(self.log_path),
             output_tail=_tail(self.log_path), script=str(self.script), ran=str(self.ran),
-            patch_edits=self.patch_edits, exit_code=child.returncode, warnings=self.warnings + leftovers,
-            vram_source=sampler.vram_source,
+            peak_rss_bytes=max(sampler.peak_rss_bytes, max_rss or 0),
+            peak_rss_load_bytes=sampler.peak_rss_by_phase.get("load"),
+            peak_rss_run_bytes=sampler.peak_rss_by_phase.get("run"), vram_source=sampler.vram_source,
+            vram_cap_bytes=self.vram_cap, ram_cap_bytes=self.ram_cap, patch_edits=self.patch_edits,
+            exit_code=child.returncode, warnings=self.warnings + leftovers,
         )  # fmt: skip
         self._add_timings(result)
-        self._add_peaks(result, sampler)
+        self._add_peaks(result)
         self._classify(result, stopped_for, oom_kills_before)
         if self.vram_cap is not None:
             self._describe_simulation(result)
-        result.gpu_memory_released = self._wait_released(sampler)
+        result.gpu_memory_released = self._wait_released()
         self.progress(f"{result.outcome} after {seconds:.1f} s")
         return result
 
     # ---- while it runs ------------------------------------------------------------------------
 
-    def _watch(self, child: subprocess.Popen, sampler: TreeSampler, started: float) -> tuple[str | None, int | None]:
+    def _watch(self, child: subprocess.Popen, started: float) -> tuple[str | None, int | None]:
         """Wait for the child, reporting progress; stop it at the timeout or the RAM cap."""
         last_report = started
         while True:
@@ -269,15 +278,15 @@ class _Run:
             now = time.monotonic()
             if self.timeout is not None and now - started > self.timeout:
                 self.progress(f"timeout after {self.timeout:g} s: stopping the script")
-                return "timeout", self._stop_tree(child, sampler)
-            if self.ram_cap is not None and sampler.rss_bytes > self.ram_cap:
-                self.progress(f"RSS {format_bytes(sampler.rss_bytes)} passed the RAM cap: stopping the script")
-                return "ram_cap", self._stop_tree(child, sampler)
+                return "timeout", self._stop_tree(child)
+            if self.ram_cap is not None and self.sampler.rss_bytes > self.ram_cap:
+                self.progress(f"RSS {format_bytes(self.sampler.rss_bytes)} passed the RAM cap: stopping the script")
+                return "ram_cap", self._stop_tree(child)
             if now - last_report > _HEARTBEAT_S:
                 last_report = now
-                vram = sampler.peak_vram_bytes
+                vram = self.sampler.peak_vram_bytes
                 self.progress(
-                    f"{now - started:.0f} s, RAM {format_bytes(sampler.rss_bytes)}"
+                    f"{now - started:.0f} s, RAM {format_bytes(self.sampler.rss_bytes)}"
                     + (f", peak VRAM {format_bytes(vram)}" if vram else "")
                 )
             time.sleep(_POLL_S)
@@ -295,6 +304,8 @@ class _Run:
         new = [json.loads(line) for line in complete.splitlines() if line.strip()]
         for event in new:
             self.events.append(event)
+            if event["event"] == "call_start":
+                self.sampler.set_phase("run")
             if message := self._describe(event):
                 self.progress(message)
         return bool(new)
@@ -314,10 +325,10 @@ class _Run:
             return "call done"
         return None
 
-    def _stop_tree(self, child: subprocess.Popen, sampler: TreeSampler) -> int | None:
+    def _stop_tree(self, child: subprocess.Popen) -> int | None:
         """SIGTERM the child, its session and its tree; SIGKILL what is left after a grace. Returns
         the child's peak RSS where the OS reports it."""
-        tree = _tree(child.pid, sampler)
+        tree = _tree(child.pid, self.sampler)
         max_rss = None
         for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
             if child.returncode is None:
@@ -342,9 +353,9 @@ class _Run:
         _, rss = _reap(child, block=True)
         return rss if rss is not None else max_rss
 
-    def _stop_leftovers(self, child: subprocess.Popen, sampler: TreeSampler) -> list[str]:
+    def _stop_leftovers(self, child: subprocess.Popen) -> list[str]:
         """Processes the script started and left running when it ended: stopped, and said so."""
-        left = [p for p in _tree(child.pid, sampler) if _running(p)]
+        left = [p for p in _tree(child.pid, self.sampler) if _running(p)]
         for process in left:
             try:
                 process.kill()
@@ -353,9 +364,9 @@ class _Run:
         _wait_stopped(left)
         return [f"The script left {len(left)} process(es) running when it ended; pipefit stopped them."] if left else []
 
-    def _wait_released(self, sampler: TreeSampler, patience: float = 10.0) -> bool | None:
+    def _wait_released(self, patience: float = 10.0) -> bool | None:
         deadline = time.monotonic() + patience
-        while (holds := sampler.tree_holds_gpu_memory()) and time.monotonic() < deadline:
+        while (holds := self.sampler.tree_holds_gpu_memory()) and time.monotonic() < deadline:
             time.sleep(0.2)
         return None if holds is None else not holds
 
@@ -391,12 +402,12 @@ class _Run:
         done = [c for c in result.calls if c.step_seconds]
         result.step_seconds = done[-1].step_seconds if done else []
 
-    def _add_peaks(self, result: TrialResult, sampler: TreeSampler) -> None:
+    def _add_peaks(self, result: TrialResult) -> None:
         allocated = [e["allocated"] for e in self.events if "allocated" in e]
         reserved = [e["reserved"] for e in self.events if "reserved" in e]
         result.peak_torch_allocated_bytes = max(allocated, default=None)
         result.peak_torch_reserved_bytes = max(reserved, default=None)
-        vram = sampler.peak_vram_bytes
+        vram = self.sampler.peak_vram_bytes
         if vram is not None:
             # A spike shorter than the sampling interval can slip by; the driver held at least what the allocator did.
             result.peak_vram_bytes = max(vram, result.peak_torch_reserved_bytes or 0)
