@@ -38,16 +38,9 @@ def _component_class(library: str, class_name: str):
 
 def write_random(library: str, class_name: str, config_dir: str, dest: str, device: str) -> None:
     """Build the component with random bf16 weights on ``device`` and save_pretrained it."""
-    import torch
+    from random_pipeline import random_component
 
-    cls = _component_class(library, class_name)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device), torch.no_grad():
-        if library == "diffusers":
-            model = cls.from_config(cls.load_config(config_dir))
-        else:
-            model = cls(cls.config_class.from_pretrained(config_dir))
-    model.save_pretrained(dest)
+    random_component(library, class_name, config_dir, "bfloat16", device).save_pretrained(dest)
 
 
 def load_and_measure(library: str, class_name: str, dest: str, backend: str, device: str) -> dict:

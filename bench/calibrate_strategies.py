@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.hardware import detect_hardware, installed_versions  # noqa: E402
+from provenance import provenance  # noqa: E402
+
 from tools.trial import run_trial  # noqa: E402
 
 PLANS = Path(__file__).with_name("calibration_plans.json")
@@ -77,8 +77,7 @@ def ensure_weights(weights: Path, build: str | None, dtype: str) -> str:
     if not (weights / "model_index.json").is_file():
         if build is None:
             raise SystemExit(f"{weights} holds no pipeline; pass --build MODEL to write random weights there")
-        sys.path.insert(0, str(ROOT / "bench"))
-        import random_pipeline
+        import random_pipeline  # bench/, this script's folder
 
         print(f"building {build} with random weights into {weights}", flush=True)
         random_pipeline.build(build, dtype, "cuda").save_pretrained(weights)
@@ -129,12 +128,8 @@ def main() -> None:
     unknown = sorted(set(names) - set(plans))
     if unknown:
         raise SystemExit(f"unknown plans for {family}: {unknown}; known: {sorted(plans)}")
-    hardware = detect_hardware()
     context = {
-        "model": class_name, "family": family, "weights": str(args.weights), "dtype": args.dtype,
-        "gpu": hardware.gpus[0].name if hardware.gpus else None, "machine": platform.machine(),
-        "versions": {k: v for k, v in installed_versions().items() if v},
-        "command": "python bench/calibrate_strategies.py " + " ".join(sys.argv[1:]),
+        "model": class_name, "family": family, "weights": str(args.weights), "dtype": args.dtype, **provenance(),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -142,7 +137,8 @@ def main() -> None:
         script.write_text(SCRIPT.format(cls=class_name, weights=str(args.weights.resolve()), dtype=args.dtype))
         for text in args.workload:
             workload = parse_workload(text)
-            script_args = [f"--{k}={v}" for k, v in workload.items()] + [f"--steps={args.steps}", f"--calls={args.calls}"]
+            options = {**workload, "steps": args.steps, "calls": args.calls}
+            script_args = [f"--{key}={value}" for key, value in options.items()]
             for name in names:
                 result = run_trial(script, plans[name], args=script_args, cwd=scratch, timeout=args.timeout)
                 row = {**row_for(result, name, plans[name], workload, args.steps), **context}

@@ -22,37 +22,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 
 
+def random_component(library: str, class_name: str, config_dir: Path | str, dtype: str, device: str):
+    """One model (a diffusers model or a transformers encoder) from its config folder, with random
+    weights initialised straight on ``device`` in ``dtype``."""
+    import importlib
+
+    import torch
+
+    cls = getattr(importlib.import_module(library), class_name)
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        with torch.device(device), torch.no_grad():
+            if library == "diffusers":
+                return cls.from_config(cls.load_config(config_dir))
+            return cls(cls.config_class.from_pretrained(config_dir))
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
 def build(model: str, dtype: str, device: str):
+    """The whole pipeline of a built-in config: random models, its scheduler, toy tokenizers."""
     import diffusers
     import tiny_pipelines
-    import torch
-    import transformers
 
     folder = ROOT / "tools" / "examples" / model
     index = json.loads((folder / "model_index.json").read_text())
     components = {}
-    models = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list):
             continue
         library, class_name = spec
-        cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
         if name.startswith("tokenizer"):
-            components[name] = tiny_pipelines._clip_tokenizer() if "CLIP" in class_name else tiny_pipelines._t5_tokenizer()
+            components[name] = (
+                tiny_pipelines._clip_tokenizer() if "CLIP" in class_name else tiny_pipelines._t5_tokenizer()
+            )
         elif name == "scheduler":
+            cls = getattr(diffusers, class_name)
             components[name] = cls.from_config(cls.load_config(folder / name))
         else:
-            models[name] = (library, cls)
-    torch.set_default_dtype(getattr(torch, dtype))
-    try:
-        with torch.device(device), torch.no_grad():  # random init straight on the device, in the dtype
-            for name, (library, cls) in models.items():
-                if library == "diffusers":
-                    components[name] = cls.from_config(cls.load_config(folder / name))
-                else:
-                    components[name] = cls(cls.config_class.from_pretrained(folder / name))
-    finally:
-        torch.set_default_dtype(torch.float32)
+            components[name] = random_component(library, class_name, folder / name, dtype, device)
     return getattr(diffusers, index["_class_name"])(**components)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import subprocess
@@ -26,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import provenance  # noqa: E402
+
 from tools import trial_runner  # noqa: E402
-from tools.hardware import detect_hardware, installed_versions  # noqa: E402
 from tools.trial import run_trial  # noqa: E402
 
 _CALL = re.compile(r"call (\d+): ([\d.]+) s")
@@ -100,15 +100,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as scratch:
         per_step = per_step_microseconds(Path(scratch) / "events.jsonl")
-    hardware = detect_hardware()
     row = {
         "kind": "trial_overhead", "script": command, "repeat": args.repeat,
         "median_wall_seconds": {m: round(v[0], 3) for m, v in median.items()},
         "median_last_call_seconds": {m: round(v[1], 4) for m, v in median.items()},
         "overhead": overhead, "per_step_instrumentation_us": round(per_step, 1), "target_percent": 2.0, "trial_figures": figures,
-        "runs": runs, "gpu": hardware.gpus[0].name if hardware.gpus else None, "machine": platform.machine(),
-        "versions": {k: v for k, v in installed_versions().items() if v},
-        "command": "python bench/trial_overhead.py " + " ".join(sys.argv[1:]),
+        "runs": runs, **provenance(),
     }  # fmt: skip
     print(json.dumps(row, indent=1))
     if args.out:

@@ -319,8 +319,7 @@ class _Run:
         if kind == "loop_start":
             return f"denoising, {event['total']} steps" if event.get("total") else "denoising"
         if kind == "step":
-            total = next((e.get("total") for e in reversed(self.events) if e["event"] == "loop_start"), None)
-            return f"step {event['index'] + 1}/{total or '?'}"
+            return f"step {event['index'] + 1}/{_loop_total(self.events) or '?'}"
         if kind == "call_end" and event.get("ok"):
             return "call done"
         return None
@@ -467,10 +466,12 @@ class _Run:
         elif code < 0:
             result.outcome, result.error = "error", f"Killed by signal {_signal_name(-code)}."
         else:
-            config = next((e for e in self.events if e["event"] == "cap" and "error" in e), None)
+            cap_failed = next((e for e in self.events if e["event"] == "cap" and "error" in e), None)
             result.outcome = "error"
             result.error = (
-                f"Could not simulate the VRAM cap: {config['error']}." if config else (f"Exited with status {code}.")
+                f"Could not simulate the VRAM cap: {cap_failed['error']}."
+                if cap_failed
+                else f"Exited with status {code}."
             )
 
     def _stage(self) -> Stage | None:
@@ -484,7 +485,7 @@ class _Run:
         if last["event"] == "loop_start":
             return "denoise"
         if last["event"] == "step":
-            total = next((e.get("total") for e in reversed(calls) if e["event"] == "loop_start"), None)
+            total = _loop_total(self.events)
             return "vae_decode" if total is not None and last["index"] + 1 >= total else "denoise"
         return None  # between calls: the frames (triage) may tell
 
@@ -531,6 +532,11 @@ def _reap(child: subprocess.Popen, block: bool) -> tuple[bool, int | None]:
         return False, None
     child.returncode = os.waitstatus_to_exitcode(status)
     return True, usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux reports KiB
+
+
+def _loop_total(events: list[dict]) -> int | None:
+    """The step count of the latest denoising loop, where the pipeline said it."""
+    return next((e.get("total") for e in reversed(events) if e["event"] == "loop_start"), None)
 
 
 def _signal_name(number: int) -> str:
