@@ -1,6 +1,7 @@
 """A full-size pipeline with random weights, run the way a user's script runs one.
 
     python bench/random_pipeline.py sdxl-base --height 1024 --width 1024 --steps 20 --calls 2
+    python bench/random_pipeline.py flux1-dev --dtype bfloat16 --save /tmp/w/flux
 
 MODEL is one of pipefit's built-in configs (tools/examples: flux1-dev, sdxl-base, wan2.1-t2v-1.3b).
 Every component is built from its config with random weights directly on the GPU in ``--dtype``
@@ -73,11 +74,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--calls", type=int, default=1)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    parser.add_argument("--save", type=Path, help="write the pipeline there (save_pretrained) instead of calling it")
     args = parser.parse_args()
 
     import torch
 
     pipe = build(args.model, args.dtype, "cuda")
+    if args.save is not None:
+        pipe.save_pretrained(args.save)
+        print(f"saved {args.model} ({args.dtype}, random weights) to {args.save}")
+        return
     kwargs = dict(prompt="a photo of a cat in the snow", height=args.height, width=args.width,
                   num_inference_steps=args.steps, output_type="np")  # fmt: skip
     if "wan" in args.model:

@@ -89,6 +89,27 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--json", action="store_true", help="machine-readable output")
     patch.set_defaults(run=_patch)
 
+    recommend = commands.add_parser(
+        "recommend",
+        help="every strategy predicted (peak VRAM, RAM, s/call), what fits and why, ranked",
+        description="MODEL as for `pipefit measure`. Without --vram/--ram the detected GPU's free memory and the "
+        "usable RAM (container limit included) are used.",
+    )
+    recommend.add_argument("model", metavar="MODEL")
+    recommend.add_argument("--height", type=int, default=1024)
+    recommend.add_argument("--width", type=int, default=1024)
+    recommend.add_argument("--frames", type=int, help="video pipelines: frames per call")
+    recommend.add_argument("--steps", type=int, default=28)
+    recommend.add_argument("--batch", type=int, default=1, help="images (videos) per call")
+    recommend.add_argument("--vram", metavar="SIZE", help="plan for this much GPU memory, e.g. 16GiB")
+    recommend.add_argument("--ram", metavar="SIZE", help="plan for this much host RAM, e.g. 64GiB")
+    recommend.add_argument("--prefer", choices=("speed", "memory", "quality", "balanced"), default="balanced")
+    recommend.add_argument("--plan", metavar="PLAN", help="evaluate this plan only (inline JSON or a .json file)")
+    recommend.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    recommend.add_argument("--all", action="store_true", help="list every option, not the best ten of each group")
+    recommend.add_argument("--json", action="store_true", help="machine-readable output (every option)")
+    recommend.set_defaults(run=_recommend)
+
     trial = commands.add_parser(
         "trial",
         usage="pipefit trial SCRIPT [options] [-- SCRIPT_ARGS ...]",
@@ -128,6 +149,24 @@ def _measure(args: argparse.Namespace) -> int:
             args.model, dtype=args.dtype, cache=not args.no_cache, progress=lambda message: spinner.update(message)
         )
     return _show(result, args.json, "measurement")
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tools.estimate import Workload
+    from tools.recommend import recommend
+
+    try:
+        workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch)
+    except ValueError as exc:
+        raise PipefitError(f"Invalid workload: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}.") from None
+    with Console(stderr=True).status("Measuring", spinner="dots") as spinner:
+        result = recommend(
+            args.model, workload, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan, dtype=args.dtype,
+            progress=spinner.update,
+        )  # fmt: skip
+    return _show(result, args.json, "recommendation", args.all)
 
 
 def _triage(args: argparse.Namespace) -> int:

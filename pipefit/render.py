@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from rich import box
@@ -15,6 +16,7 @@ if TYPE_CHECKING:  # the models only annotate here; importing them would pull li
     from tools.hardware import HardwareReport
     from tools.measure import PipelineMeasurement
     from tools.patch import PatchResult
+    from tools.recommend import Recommendation
     from tools.triage import OomTriage
     from tools.trial import TrialResult
 
@@ -215,3 +217,44 @@ def _call_summary(call) -> str:
     if call.seconds is not None:
         parts.append(f"{call.seconds:.2f} s in all" if call.ok else "raised")
     return ", ".join(parts)
+
+
+def recommendation(result: Recommendation, console: Console, show_all: bool = False) -> None:
+    hw, w = result.hardware, result.workload
+    frames = f"x{w.frames} frames" if w.frames else ""
+    console.print(
+        f"[bold]{escape(result.model)}[/] ({result.pipeline_class}) at {w.height}x{w.width}{frames}, {w.steps} steps, "
+        f"batch {w.batch}; {format_bytes(hw.vram_bytes)} VRAM ({hw.gpu or hw.source}), {format_bytes(hw.ram_bytes)} RAM"
+        f"{' (container limit)' if hw.ram_is_container_limit else ''}; prefer {result.prefer}; "
+        f"margin {format_bytes(result.margin_bytes)} kept free"
+    )
+    for group, title in (("full_precision", "Full precision: offloading and fp8 casting"), ("quantized", "Quantized")):
+        options = [o for o in result.options if o.group == group]
+        shown = options if show_all else options[:10]
+        if not shown:
+            continue
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+        for column, justify in (("#", "right"), ("fits", "left"), ("plan", "left"), ("VRAM", "right"),
+                                ("RAM load/run", "right"), ("s/call", "right"), ("why", "left")):  # fmt: skip
+            table.add_column(column, justify=justify, overflow="fold")
+        for option in shown:
+            rank = result.options.index(option) + 1
+            p = option.predicted
+            why = f"peak: {option.peak_stage}" if option.fits else next(
+                (r for r in option.reasons if not r.startswith("Fits")), ""
+            )
+            table.add_row(
+                str(rank), "[green]yes[/]" if option.fits else "[red]no[/]", escape(option.id),
+                format_bytes(p.vram_bytes), f"{format_bytes(p.ram_load_bytes)} / {format_bytes(p.ram_run_bytes)}",
+                f"{p.seconds:.1f}" + ("" if option.basis == "calibrated" else "*"), escape(why),
+            )  # fmt: skip
+        console.print(table)
+        if len(options) > len(shown):
+            console.print(f"[dim]{len(options) - len(shown)} more; --all lists them[/]")
+    best = next((o for o in result.options if o.fits), None)
+    if best is None:
+        console.print("[red]Nothing fits.[/] The closest options are listed; their reasons say what is short.")
+        return
+    console.print(f"[bold]Best:[/] {escape(best.id)}  plan: {escape(json.dumps(best.plan))}")
+    console.print("[dim]* modelled: no run of this kind of plan in calibration. Apply with `pipefit patch SCRIPT "
+                  "--plan PLAN`, prove with `pipefit trial SCRIPT --plan PLAN`.[/]")  # fmt: skip

@@ -13,21 +13,28 @@ def test_calibrate_strategies_writes_one_row_per_plan_and_workload(tiny_dirs, tm
     run = subprocess.run(
         [
             sys.executable, str(ROOT / "bench" / "calibrate_strategies.py"), "--weights", str(tiny_dirs["flux"]),
-            "--dtype", "float32", "--workload", "64x64", "--workload", "32x48", "--steps", "2", "--calls", "2",
-            "--only", "none", "group_leaf", "--out", str(out),
+            "--dtype", "float32", "--workload", "64x64", "--workload", "32x48", "--steps", "2",
+            "--only", "group_leaf", "none", "--out", str(out),
         ],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["workload"]["height"], r["plan_name"]) for r in rows] == [(64, "none"), (64, "group_leaf"), (32, "none"), (32, "group_leaf")]
+    # plans in the order asked; within a plan's process, workloads smallest first
+    assert [(r["plan_name"], r["workload"]["height"]) for r in rows] == [
+        ("group_leaf", 32), ("group_leaf", 64), ("none", 32), ("none", 64)
+    ]  # fmt: skip
     for row in rows:
-        assert row["outcome"] == "ok", row["error"]
+        assert row["outcome"] == "ok" and row["ok"], row["error"]
         assert row["model"] == "FluxPipeline" and row["family"] == "flux"
-        assert len(row["step_seconds"]) == 2 and row["peak_rss_bytes"] > 0
+        assert len(row["step_seconds"]) == 2 and 0 < row["peak_rss_run_bytes"] <= row["process_peak_rss_bytes"]
+        assert row["seconds"] > sum(row["step_seconds"])
         assert row["command"].startswith("python bench/calibrate_strategies.py")
+    # one process per plan: a warm-up call and one per workload, told apart
+    assert rows[0]["log_path"] == rows[1]["log_path"] != rows[2]["log_path"]
+    assert "warmup_seconds" in rows[0] and "warmup_seconds" not in rows[1]
     # the group-leaf run really ran the plan: its patched copy is next to its log
-    patched = Path(rows[1]["log_path"]).with_name("flux_user_script.py").read_text()
+    patched = Path(rows[0]["log_path"]).with_name("flux_user_script.py").read_text()
     assert 'offload_type="leaf_level"' in patched
 
 
@@ -47,3 +54,15 @@ def test_every_calibration_plan_passes_the_rules():
         for name, plan in named.items():
             errors = [f for f in check_plan(parse_plan(plan), target) if f.severity == "error"]
             assert not errors, (family, name, errors)
+
+
+def test_fit_models_reports_the_targets_and_the_held_out_error(tmp_path):
+    out = tmp_path / "fit.jsonl"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fit_models.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fitted on all families" in run.stdout and run.stdout.count("held out") == 3
+    (summary,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(summary["held_out"]) == {"flux", "sdxl", "wan"} and summary["rows"] >= 60

@@ -75,6 +75,9 @@ def test_without_a_gpu_the_gpu_figures_are_null_and_ram_is_measured(tiny_run):
     assert result.peak_rss_load_bytes > 150 * 2**20 and result.peak_rss_run_bytes > 150 * 2**20
     # sampled every 20 ms; the whole-run peak also has the kernel's exact high-water mark (wait4)
     assert max(result.peak_rss_load_bytes, result.peak_rss_run_bytes) <= result.peak_rss_bytes
+    # and each call has its own peak, within the run's
+    assert all(0 < call.peak_rss_bytes <= result.peak_rss_run_bytes for call in result.calls)
+    assert all(call.peak_vram_bytes is None and call.peak_torch_allocated_bytes is None for call in result.calls)
 
 
 def test_the_output_is_kept_whole_in_the_log_and_its_tail_in_the_result(tiny_run):
@@ -342,6 +345,10 @@ def test_gpu_full_size_peaks_agree_with_torch(sdxl_free):
     assert_peaks_agree(sdxl_free)
     assert sdxl_free.peak_torch_allocated_bytes > 6 * GiB  # the weights alone are ~6.6 GiB in fp16
     assert len(sdxl_free.step_seconds) == 4
+    # one call: its own peaks are the run's (the allocator's counters restart when a call begins)
+    (call,) = sdxl_free.calls
+    assert call.peak_torch_allocated_bytes == sdxl_free.peak_torch_allocated_bytes
+    assert 0 < call.peak_torch_reserved_bytes <= call.peak_vram_bytes <= sdxl_free.peak_vram_bytes
     printed = re.search(r"peak allocated (\d+) reserved (\d+)", sdxl_free.output_tail).groups()
     assert [sdxl_free.peak_torch_allocated_bytes, sdxl_free.peak_torch_reserved_bytes] == list(map(int, printed))
 
@@ -357,7 +364,10 @@ def test_gpu_cap_below_the_weights_is_an_oom_at_load(sdxl_free, tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_cap_below_the_peak_is_an_oom_after_load(sdxl_free, tmp_path):
-    cap = int(sdxl_free.peak_torch_reserved_bytes * 0.8)  # the weights fit; the working memory does not
+    # Below what PyTorch allocated at the peak (not reserved: under a cap the allocator frees its cache
+    # and retries, so a cap below the free run's reservation can still pass). The weights still fit.
+    context = sdxl_free.peak_vram_bytes - sdxl_free.peak_torch_reserved_bytes
+    cap = context + int(sdxl_free.peak_torch_allocated_bytes * 0.8)
     result = run_trial(RANDOM_PIPELINE, args=["sdxl-base", "--steps", "4"], vram_cap=cap, log_dir=tmp_path)
     assert result.outcome == "cuda_oom", result.output_tail
     assert result.stage in ("text_encode", "denoise", "vae_decode")

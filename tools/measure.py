@@ -74,6 +74,9 @@ class ComponentMeasurement(BaseModel):
     repeated_blocks: list[RepeatedBlock] = Field(default_factory=list)
     block_offload_groups_bytes: list[int] = Field(default_factory=list)
     checkpoint: Checkpoint | None = None
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The architecture's numbers recommend's models use (hidden sizes, channels)"
+    )
 
 
 class PipelineMeasurement(BaseModel):
@@ -312,11 +315,26 @@ def _measure_module(model: "torch.nn.Module", class_name: str, library: str, dty
         blocks=blocks,
         repeated_blocks=repeated,
         block_offload_groups_bytes=group_offload.block_level_groups(model),
+        config=_architecture_numbers(model),
     )
     if library in layerwise_casting.SUPPORTED_LIBRARIES:
         # last: it changes the meta model's dtypes
         measured.layerwise_fp8_bytes = layerwise_casting.layerwise_cast_bytes(model, dtype)
     return measured
+
+
+def _architecture_numbers(model: "torch.nn.Module") -> dict[str, Any]:
+    """The plain numbers and flags of a model's config (diffusers) or its hidden size (transformers)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    if isinstance(config, dict):  # diffusers' FrozenDict
+        return {
+            k: v for k, v in config.items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, list, tuple)) and not isinstance(v, dict)
+        }  # fmt: skip
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    return {"hidden_size": hidden} if hidden else {}
 
 
 def _read_checkpoint(folder: Path) -> Checkpoint | None:

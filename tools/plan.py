@@ -79,6 +79,9 @@ class Target(BaseModel):
     )
     component_classes: dict[str, str] | None = None
     denoiser: Literal["unet", "transformer"] | None = None
+    repeated_blocks: dict[str, list[str]] | None = Field(
+        None, description="the block classes each model declares for regional compile (measure_components)"
+    )
     versions: dict[str, str | None] | None = Field(None, description="installed package versions")
 
     def library_of(self, component: str) -> Library:

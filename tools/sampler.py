@@ -69,8 +69,9 @@ class TreeSampler:
 
     ``peak_rss_bytes`` is the largest sum of the tree's resident sets; ``peak_vram_bytes`` the
     largest device memory of the tree on any one GPU (what must fit on a card), with
-    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum, and
-    ``peak_rss_by_phase`` the peak within each phase the caller names with ``set_phase``.
+    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum.
+    ``peak_rss_by_phase`` and ``peak_vram_by_phase`` hold the peaks within each phase the caller
+    names with ``set_phase`` (loading, each pipeline call).
     """
 
     def __init__(self, nvml: Nvml | None = None, interval: float = INTERVAL_S):
@@ -87,6 +88,7 @@ class TreeSampler:
         self._scanned = float("-inf")
         self._peak_by_process = [0] * len(self.baseline_used)
         self._peak_device_growth = [0] * len(self.baseline_used)
+        self._vram_by_phase: dict[str, tuple[int, int]] = {}  # phase -> (by process, device growth)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pipefit-sampler", daemon=True)
 
@@ -115,6 +117,12 @@ class TreeSampler:
             return None
         peaks = self._peak_by_process if any(self._peak_by_process) else self._peak_device_growth
         return max(peaks, default=0)
+
+    @property
+    def peak_vram_by_phase(self) -> dict[str, int]:
+        """The tree's peak device memory within each phase, attributed as ``vram_source`` says."""
+        by_process = self.vram_source == "nvml_process"
+        return {phase: peaks[0] if by_process else peaks[1] for phase, peaks in self._vram_by_phase.items()}
 
     def tree_holds_gpu_memory(self) -> bool | None:
         """Whether any process of the tree (as last seen) still holds device memory; None if unknowable."""
@@ -149,11 +157,15 @@ class TreeSampler:
         self.peak_rss_by_phase[self.phase] = max(self.peak_rss_by_phase.get(self.phase, 0), rss)
         if self.nvml is None:
             return
+        now_mine = now_growth = 0
         for index, (by_pid, used) in enumerate(zip(self.nvml.by_pid(), self.nvml.used())):
             mine = sum(b for pid, b in by_pid.items() if pid in live)
             self._peak_by_process[index] = max(self._peak_by_process[index], mine)
             growth = used - self.baseline_used[index]
             self._peak_device_growth[index] = max(self._peak_device_growth[index], growth)
+            now_mine, now_growth = max(now_mine, mine), max(now_growth, growth)
+        mine_before, growth_before = self._vram_by_phase.get(self.phase, (0, 0))
+        self._vram_by_phase[self.phase] = (max(mine_before, now_mine), max(growth_before, now_growth))
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -331,6 +331,8 @@ _COMPONENT_CALL = re.compile(
     r"\bself\.(transformer(?:_2)?|unet|vae|text_encoder(?:_\d)?|image_encoder|controlnet|prior|decoder)\b"
 )
 _STAGE_BY_PATH = (
+    # a model built on the GPU (with torch.device("cuda"): from_config) allocates its weights in __init__
+    (r"/(?:diffusers|transformers)/models/", r"^__init__$", "load"),
     (_VAE_PATH, r"(?i)decode|decoder|upsample", "vae_decode"),
     (_VAE_PATH, r"(?i)encode|encoder", "vae_encode"),
     (_DENOISER_PATH, r".", "denoise"),
@@ -374,8 +376,8 @@ def _stage_and_component(frames: list[Frame]) -> tuple[str | None, str | None]:
             component = call.group(1)
         if stage and component:
             break
-    if component is None:
-        for frame in reversed(frames):
+    if component is None:  # the outermost model: a UNet's attention blocks live in transformers/
+        for frame in frames:
             component = next((c for p, c in _COMPONENT_BY_PATH if re.search(p, frame.path)), None)
             if component:
                 break

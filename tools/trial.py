@@ -53,6 +53,10 @@ class CallTiming(BaseModel):
     step_seconds: list[float] = Field(default_factory=list)
     steps_expected: int | None = None
     after_last_step_seconds: float | None = Field(None, description="the last step to the return: VAE decode")
+    peak_vram_bytes: int | None = Field(None, description="the driver's peak during this call, as sampled")
+    peak_torch_allocated_bytes: int | None = Field(None, description="PyTorch's peak during this call alone")
+    peak_torch_reserved_bytes: int | None = None
+    peak_rss_bytes: int | None = Field(None, description="the tree's RSS peak during this call, as sampled")
 
 
 class TrialResult(BaseModel):
@@ -204,6 +208,7 @@ class _Run:
     events: list[dict] = field(default_factory=list)
     sampler: TreeSampler = field(init=False)
     _read_offset: int = 0
+    _calls_started: int = 0
 
     def __post_init__(self):
         self.sampler = TreeSampler(self.nvml)  # before the child starts: its baseline is the others'
@@ -251,7 +256,10 @@ class _Run:
             output_tail=_tail(self.log_path), script=str(self.script), ran=str(self.ran),
             peak_rss_bytes=max(sampler.peak_rss_bytes, max_rss or 0),
             peak_rss_load_bytes=sampler.peak_rss_by_phase.get("load"),
-            peak_rss_run_bytes=sampler.peak_rss_by_phase.get("run"), vram_source=sampler.vram_source,
+            peak_rss_run_bytes=max(
+                (v for phase, v in sampler.peak_rss_by_phase.items() if phase != "load"), default=None
+            ),
+            vram_source=sampler.vram_source,
             vram_cap_bytes=self.vram_cap, ram_cap_bytes=self.ram_cap, patch_edits=self.patch_edits,
             exit_code=child.returncode, warnings=self.warnings + leftovers,
         )  # fmt: skip
@@ -305,7 +313,10 @@ class _Run:
         for event in new:
             self.events.append(event)
             if event["event"] == "call_start":
-                self.sampler.set_phase("run")
+                self._calls_started += 1
+                self.sampler.set_phase(_call_phase(self._calls_started))
+            elif event["event"] == "call_end":
+                self.sampler.set_phase("between calls")
             if message := self._describe(event):
                 self.progress(message)
         return bool(new)
@@ -394,6 +405,8 @@ class _Run:
                 last_t = t
             elif kind == "call_end":
                 call.ok = bool(event.get("ok"))
+                call.peak_torch_allocated_bytes = event.get("allocated")
+                call.peak_torch_reserved_bytes = event.get("reserved")
                 call.seconds = round(t - call_t, 4)
                 if last_t is not None and loop_t is not None and call.step_seconds:
                     call.after_last_step_seconds = round(t - last_t, 4)
@@ -410,6 +423,11 @@ class _Run:
         if vram is not None:
             # A spike shorter than the sampling interval can slip by; the driver held at least what the allocator did.
             result.peak_vram_bytes = max(vram, result.peak_torch_reserved_bytes or 0)
+        vram_by_phase, rss_by_phase = self.sampler.peak_vram_by_phase, self.sampler.peak_rss_by_phase
+        for number, call in enumerate(result.calls, start=1):
+            call.peak_rss_bytes = rss_by_phase.get(_call_phase(number))
+            if (call_vram := vram_by_phase.get(_call_phase(number))) is not None:
+                call.peak_vram_bytes = max(call_vram, call.peak_torch_reserved_bytes or 0)
 
     def _classify(self, result: TrialResult, stopped_for: str | None, oom_kills_before: int | None) -> None:
         code = result.exit_code
@@ -516,6 +534,10 @@ class _Run:
             return self.ran.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return None
+
+
+def _call_phase(number: int) -> str:
+    return f"call {number}"
 
 
 def _reap(child: subprocess.Popen, block: bool) -> tuple[bool, int | None]:

@@ -86,11 +86,17 @@ def _cuda_ready() -> bool:
 
 
 def allocator_peaks() -> dict:
-    """PyTorch's own peak counters on the current device, or {} where CUDA never started."""
+    """PyTorch's own peak counters on the current device since the current pipeline call began (since
+    the start before the first call), or {} where CUDA never started."""
     if not _cuda_ready():
         return {}
     torch = _torch()
     return {"allocated": torch.cuda.max_memory_allocated(), "reserved": torch.cuda.max_memory_reserved()}
+
+
+def _reset_peaks() -> None:
+    if _cuda_ready():
+        _torch().cuda.reset_peak_memory_stats()
 
 
 def cap_vram(events: Events, cap_bytes: int, others_bytes: int) -> None:
@@ -165,7 +171,11 @@ class PipelineTracer:
             if tracer._depth:
                 return call(pipe, *args, **kwargs)
             tracer._depth += 1
-            tracer._events.emit("call_start", pipeline=type(pipe).__name__, callbacks=takes_callback)
+            # The peaks so far (loading, earlier calls) go out before the counters restart for this call.
+            tracer._events.emit(
+                "call_start", pipeline=type(pipe).__name__, callbacks=takes_callback, **allocator_peaks()
+            )
+            _reset_peaks()
             ok = False
             try:
                 if takes_callback:

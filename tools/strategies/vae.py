@@ -19,6 +19,18 @@ if TYPE_CHECKING:
 
 # diffusers 0.42 VAE classes without enable_tiling / enable_slicing (tests check the list)
 NO_TILING = frozenset({"AsymmetricAutoencoderKL", "AutoencoderKLTemporalDecoder", "VQModel"})
+# Tile edge in pixels where the class fixes it rather than its config (diffusers 0.42 defaults)
+_FIXED_TILE = {"AutoencoderKLWan": 256, "AutoencoderKLHunyuanVideo": 256, "AutoencoderKLLTXVideo": 512}
+
+
+def tile_size(class_name: str, config: dict) -> int | None:
+    """Edge of the tiles a VAE decodes in once tiling is on (its ``sample_size`` for image VAEs)."""
+    if class_name in NO_TILING:
+        return None
+    if class_name in _FIXED_TILE:
+        return _FIXED_TILE[class_name]
+    size = config.get("sample_size") or 512
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
 
 RULES = (
     Rule(

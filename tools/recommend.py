@@ -1,0 +1,295 @@
+"""recommend: every strategy for a pipeline, workload and machine, predicted, checked and ranked.
+
+Candidates are built from the pipeline's own components (the denoiser, the text encoders over
+1 GiB): full precision placed on the GPU, with model / sequential / group offloading (block level
+with as many blocks per group as fit, leaf level, with and without CUDA streams, with the small
+components kept resident), fp8 layerwise casting alone and with offloading, then bnb nf4 / int8 and
+torchao int8 / fp8 weight-only alone and with model offload; VAE tiling where the decode is the
+peak, regional compile and an installed attention backend as speed variants. Each is checked
+against the compatibility rules (tools/strategies) and predicted by tools/estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .errors import PipefitError
+from .estimate import Estimate, Workload, estimate, load_coefficients, signature
+from .measure import PipelineMeasurement, measure_components
+from .plan import Plan, Target, check_plan, parse_plan
+from .strategies.attention import PACKAGE_OF_BACKEND
+from .units import format_bytes, parse_size
+
+Preference = Literal["speed", "memory", "quality", "balanced"]
+CODE_FOR = 5  # options that carry their code; every option's plan goes to patch_script as it is
+BIG_ENCODER_BYTES = 2**30  # text encoders above this are worth quantizing
+# How far each precision is from the checkpoint's, for the quality and balanced orders.
+PREFERENCES = ("speed", "memory", "quality", "balanced")
+QUALITY_COST = {None: 0, "fp8_cast": 1, "torchao_fp8wo": 1, "torchao_int8wo": 1, "bnb_int8": 2, "bnb_nf4": 3}
+
+
+class Machine(BaseModel):
+    """What the plans must fit in: given by the user, or detected."""
+
+    gpu: str | None
+    vram_bytes: int
+    ram_bytes: int
+    ram_is_container_limit: bool = False
+    compute_capability: str | None = None
+    pageable_bytes_per_s: float | None = None
+    pinned_bytes_per_s: float | None = None
+    source: Literal["given", "detected"]
+
+
+class Predicted(BaseModel):
+    vram_bytes: int
+    ram_load_bytes: int
+    ram_run_bytes: int
+    seconds: float = Field(description="one call at the workload, after the first")
+
+
+class Option(BaseModel):
+    id: str
+    group: Literal["full_precision", "quantized"]
+    plan: dict
+    fits: bool
+    predicted: Predicted
+    peak_stage: str
+    basis: Literal["calibrated", "modelled"]
+    reasons: list[str]
+    code: str = Field(description="the pipeline loaded with the plan applied; for the five best fitting options")
+
+
+class Recommendation(BaseModel):
+    model: str
+    pipeline_class: str
+    hardware: Machine
+    workload: Workload
+    prefer: Preference
+    margin_bytes: int = Field(description="kept free on the GPU: the largest under-prediction seen in calibration")
+    options: list[Option] = Field(description="every plan evaluated: fitting ones first, best first")
+    calibration: str = Field(description="where the memory and speed terms were fitted")
+
+
+def recommend(
+    model: str | PipelineMeasurement,
+    workload: Workload | None = None,
+    *,
+    vram: str | int | None = None,
+    ram: str | int | None = None,
+    prefer: Preference = "balanced",
+    plan: str | dict | Plan | None = None,
+    dtype: str = "bfloat16",
+    progress: Callable[[str], None] | None = None,
+) -> Recommendation:
+    """Every strategy for ``model`` at ``workload`` on this machine (or ``vram``/``ram`` given, e.g. "16GiB"):
+    predicted peak VRAM (what the driver sees), RAM while loading and while running, and seconds per
+    call; whether each fits and why not; ranked by ``prefer``: speed, memory, quality (least precision
+    lost), or balanced (time, +10% per precision step lost and +10% where no calibration run backs it).
+
+    Options come fitting first, best first; ``group`` separates full-precision offloading/casting
+    plans from quantization plans, as they should be presented. ``plan`` evaluates one given plan
+    (JSON text, a file, a dict) instead of searching. Each option carries its plan (the JSON
+    patch_script and run_trial take) and the code that applies it. Predictions come from terms fitted
+    on full-size pipelines run on an H100 (bench/fit_models.py); ``basis`` says whether that kind of
+    plan was among the runs. ``margin_bytes`` is kept free on the GPU. Next: patch_script with the
+    chosen plan, then run_trial to prove it.
+    """
+    if prefer not in PREFERENCES:
+        raise PipefitError(f"Unknown preference {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
+    workload = workload or Workload()
+    say = progress or (lambda message: None)
+    measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)
+    machine = _machine(vram, ram)
+    k = load_coefficients()
+    margin = int(k.margin_fraction * machine.vram_bytes)
+    target = _target(measured, machine)
+    plans = [parse_plan(plan)] if plan is not None else candidates(measured, workload, machine, margin)
+    say(f"Evaluating {len(plans)} plans")
+    options = [_option(p, measured, workload, machine, target, margin) for p in plans]
+    options.sort(key=lambda o: (not o.fits, _score(o, prefer) if o.fits else _excess(o, machine)))
+    for o in [o for o in options if o.fits][:CODE_FOR] if plan is None else options:
+        o.code = plan_code(Plan.model_validate(o.plan), measured)  # rewriting a script costs ~20 ms: the best only
+    return Recommendation(
+        model=measured.model, pipeline_class=measured.pipeline_class, hardware=machine, workload=workload,
+        prefer=prefer, margin_bytes=margin, options=options,
+        calibration=f"{k.provenance.get('rows', '?')} runs on {k.gpu} ({', '.join(k.provenance.get('data', []))})",
+    )  # fmt: skip
+
+
+def candidates(m: PipelineMeasurement, w: Workload, machine: Machine, margin: int) -> list[Plan]:
+    """The plans worth predicting for this pipeline (before the rules and the fit are checked)."""
+    comps = {n: c for n, c in m.components.items() if c.bytes}
+    denoiser = "unet" if "unet" in comps else "transformer"
+    big_encoders = [n for n, c in comps.items() if n.startswith("text_encoder") and c.bytes > BIG_ENCODER_BYTES]
+    small = sorted(n for n, c in comps.items() if n != denoiser and c.bytes <= BIG_ENCODER_BYTES)
+    stream_exclude = ["vae"] if "vae" in comps else []
+
+    placements: list[dict] = [{}, {"offload": "model"}, {"offload": "sequential"}]
+    for exclude in ([], small):
+        placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, "exclude": exclude}})
+        placements.append({"offload": "group_leaf", "group": {"exclude": exclude}})
+    for low_cpu in (False, True):
+        stream = {"use_stream": True, "low_cpu_mem_usage": low_cpu, "exclude": sorted({*stream_exclude, *small})}
+        placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, **stream}})
+        placements.append({"offload": "group_leaf", "group": stream})
+
+    cast = {"layerwise_casting": {"components": [denoiser]}}
+    quants = [
+        (backend, components)
+        for backend in ("bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo")
+        for components in ([denoiser], [denoiser, *big_encoders])
+        if backend != "bnb_int8" or components == [denoiser]  # int8 matmul is slow: the denoiser only
+    ]
+    raw: list[dict] = list(placements)
+    raw += [{**cast, **p} for p in ({}, {"offload": "model"}, placements[3])]
+    for backend, components in dict.fromkeys((b, tuple(c)) for b, c in quants):
+        for p in ({}, {"offload": "model"}):
+            raw.append({"quantize": {"backend": backend, "components": list(components)}, **p})
+    plans = [Plan.model_validate(p) for p in raw]
+    plans = [_fill_groups(p, m, w, machine, margin) for p in plans]
+
+    # VAE tiling where the decode is the peak; compile and an attention backend as speed variants
+    tiled = [Plan.model_validate({**p.model_dump(), "vae": {"tiling": True, "slicing": w.batch > 1}}) for p in plans]
+    plans += [t for p, t in zip(list(plans), tiled) if estimate(p, m, w).peak_stage == "vae" and
+              estimate(t, m, w).vram_bytes < estimate(p, m, w).vram_bytes]  # fmt: skip
+    if comps[denoiser].repeated_blocks:
+        plans += [p.model_copy(update={"compile": "regional"}) for p in plans if p.offload in ("none", "model")]
+    from .hardware import installed_versions
+
+    for backend, package in PACKAGE_OF_BACKEND.items():
+        if installed_versions((package,)).get(package):
+            plans.append(Plan(attention_backend=backend))
+    unique = {p.model_dump_json(): p for p in plans}
+    return list(unique.values())
+
+
+def _fill_groups(plan: Plan, m: PipelineMeasurement, w: Workload, machine: Machine, margin: int) -> Plan:
+    """Block-level groups without streams: as many blocks per group as still fit, fewer moves."""
+    if plan.offload != "group_block" or plan.group_settings.use_stream:
+        return plan
+    best = plan
+    for n in (2, 4, 8, 16):
+        bigger = plan.model_copy(update={"group": plan.group_settings.model_copy(update={"num_blocks_per_group": n})})
+        if estimate(bigger, m, w).vram_bytes + margin > machine.vram_bytes:
+            break
+        best = bigger
+    return best
+
+
+def _option(plan: Plan, m: PipelineMeasurement, w: Workload, machine: Machine, target: Target, margin: int) -> Option:
+    e: Estimate = estimate(
+        plan, m, w, gpu_name=machine.gpu, pageable_bytes_per_s=machine.pageable_bytes_per_s,
+        pinned_bytes_per_s=machine.pinned_bytes_per_s,
+    )  # fmt: skip
+    reasons = [f.message for f in check_plan(plan, target)]
+    broken = any(f.severity == "error" for f in check_plan(plan, target))
+    need = e.vram_bytes + margin
+    if need > machine.vram_bytes:
+        reasons.append(
+            f"Needs {format_bytes(e.vram_bytes)} of VRAM at its peak (stage: {e.peak_stage}) plus the "
+            f"{format_bytes(margin)} margin; {format_bytes(machine.vram_bytes)} available."
+        )
+    ram_need = max(e.ram_load_bytes, e.ram_run_bytes)
+    if ram_need > machine.ram_bytes:
+        limit = "the container's memory limit" if machine.ram_is_container_limit else "available RAM"
+        when = "while loading" if e.ram_load_bytes >= e.ram_run_bytes else "while running"
+        why = (
+            " (quantizing or casting on the CPU passes every component through host RAM at full precision)"
+            if when == "while loading" and (plan.quantize or plan.layerwise_casting) else ""
+        )  # fmt: skip
+        reasons.append(f"Needs {format_bytes(ram_need)} of host RAM {when}{why}; {limit} is {format_bytes(machine.ram_bytes)}.")
+    fits = not broken and need <= machine.vram_bytes and ram_need <= machine.ram_bytes
+    if fits:
+        reasons.insert(0, f"Fits: {format_bytes(e.vram_bytes)} VRAM at its peak ({e.peak_stage}), "
+                          f"{format_bytes(ram_need)} RAM, {e.seconds:.1f} s per call.")  # fmt: skip
+    if plan.compile != "none":
+        reasons.append("The first call compiles the repeated blocks (a minute or more); later calls are faster.")
+    if e.basis == "modelled":
+        reasons.append("Predicted from the model's terms; plans of this kind were not among the calibration runs.")
+    return Option(
+        id=signature(plan) + _components_suffix(plan), group="quantized" if plan.quantize else "full_precision",
+        plan=plan.model_dump(exclude_defaults=True), fits=fits,
+        predicted=Predicted(vram_bytes=e.vram_bytes, ram_load_bytes=e.ram_load_bytes, ram_run_bytes=e.ram_run_bytes, seconds=e.seconds),
+        peak_stage=e.peak_stage, basis=e.basis, reasons=reasons, code="",
+    )  # fmt: skip
+
+
+def _components_suffix(plan: Plan) -> str:
+    return f"({','.join(plan.quantize.components)})" if plan.quantize else ""
+
+
+def _score(o: Option, prefer: Preference) -> tuple:
+    plan = Plan.model_validate(o.plan)
+    cost = QUALITY_COST[plan.quantize.backend if plan.quantize else ("fp8_cast" if plan.layerwise_casting else None)]
+    s = o.predicted.seconds
+    if prefer == "speed":
+        return (s,)
+    if prefer == "memory":
+        return (o.predicted.vram_bytes, s)
+    if prefer == "quality":
+        return (cost, s)
+    # balanced: a precision step is worth 10% of the time, and so is a prediction no run has checked
+    return (s * (1 + 0.1 * cost) * (1.1 if o.basis == "modelled" else 1.0),)
+
+
+def _excess(o: Option, machine: Machine) -> tuple:
+    over = o.predicted.vram_bytes / machine.vram_bytes
+    return (over, o.predicted.seconds)
+
+
+def plan_code(plan: Plan, m: PipelineMeasurement) -> str:
+    """The lines that load the pipeline and apply ``plan`` (what patch_script would write)."""
+    from .patch import patch_source
+
+    dtype = f"torch.{m.dtype}"
+    source = (
+        f"import torch\nfrom diffusers import {m.pipeline_class}\n\n"
+        f"pipe = {m.pipeline_class}.from_pretrained({_repo(m)!r}, torch_dtype={dtype})\npipe.to(\"cuda\")\n"
+    )
+    return patch_source(source, plan, filename="pipeline.py").source
+
+
+def _repo(m: PipelineMeasurement) -> str:
+    return m.model.removeprefix("builtin:")
+
+
+def _machine(vram: str | int | None, ram: str | int | None) -> Machine:
+    given_vram = parse_size(vram) if vram is not None else None
+    given_ram = parse_size(ram) if ram is not None else None
+    if given_vram is not None and given_ram is not None:
+        return Machine(gpu=None, vram_bytes=given_vram, ram_bytes=given_ram, source="given")
+    from .hardware import detect_hardware
+
+    hw = detect_hardware()
+    gpu = hw.gpus[0] if hw.gpus else None
+    if given_vram is None and gpu is None:
+        raise PipefitError(
+            "No GPU was detected, so there is no VRAM to plan for.",
+            "Pass --vram SIZE (e.g. --vram 16GiB) to plan for a GPU you will run on.",
+        )
+    return Machine(
+        gpu=gpu.name if gpu else None,
+        vram_bytes=given_vram if given_vram is not None else gpu.free_bytes,
+        ram_bytes=given_ram if given_ram is not None else hw.ram.effective_bytes,
+        ram_is_container_limit=given_ram is None and hw.ram.container_limit_bytes is not None
+        and hw.ram.container_limit_bytes <= hw.ram.available_bytes,
+        compute_capability=gpu.compute_capability if gpu and given_vram is None else None,
+        source="detected" if given_vram is None and given_ram is None else "given",
+    )  # fmt: skip
+
+
+def _target(m: PipelineMeasurement, machine: Machine) -> Target:
+    from .hardware import installed_versions
+
+    cc = tuple(int(x) for x in machine.compute_capability.split(".")) if machine.compute_capability else None
+    return Target(
+        device_type="cuda", compute_capability=cc,
+        component_libraries={n: c.library for n, c in m.components.items() if c.library in ("diffusers", "transformers")},
+        component_classes={n: c.class_name for n, c in m.components.items()},
+        denoiser="unet" if "unet" in m.components else "transformer", versions=installed_versions(),
+        repeated_blocks={n: [b.class_name for b in c.repeated_blocks] for n, c in m.components.items() if c.bytes},
+    )  # fmt: skip
