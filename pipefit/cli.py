@@ -7,12 +7,11 @@ PipefitError and leave as one line on stderr with a non-zero exit, never a trace
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
-import warnings
 
 from tools.errors import PipefitError
+
+from .quiet import quiet_third_party_imports
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1  # `pipefit trial`: the script ran and did not succeed; the result says how
@@ -128,6 +127,25 @@ def _parser() -> argparse.ArgumentParser:
     trial.add_argument("--log-dir", metavar="DIR", help="keep the log here (default: ~/.cache/pipefit/trials)")
     trial.add_argument("--json", action="store_true", help="machine-readable output")
     trial.set_defaults(run=_trial, script_args=[])
+
+    serve = commands.add_parser(
+        "serve",
+        help="the MCP server for agents: stdio (default) or streamable HTTP on localhost",
+        description="Serves detect_hardware, measure_components, recommend, patch_script, run_trial and "
+        "triage_oom, the skill's docs as skill://pipefit/ resources and the fix-oom prompt. Register it with "
+        "Claude Code: claude mcp add pipefit -- pipefit serve",
+    )
+    serve.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on 127.0.0.1:PORT/mcp")
+    serve.set_defaults(run=_serve)
+
+    install = commands.add_parser(
+        "install-skills",
+        help="copy pipefit's Agent Skill into .claude/skills/ (or --target DIR)",
+    )
+    install.add_argument("--target", metavar="DIR", help="the skills folder (default: .claude/skills)")
+    install.add_argument("--force", action="store_true", help="replace a different pipefit skill already there")
+    install.add_argument("--json", action="store_true", help="machine-readable output")
+    install.set_defaults(run=_install_skills)
     return parser
 
 
@@ -142,7 +160,7 @@ def _measure(args: argparse.Namespace) -> int:
 
     from tools.measure import measure_components
 
-    _quiet_third_party_imports()
+    quiet_third_party_imports()
     status = Console(stderr=True)
     with status.status("Measuring", spinner="dots") as spinner:
         result = measure_components(
@@ -202,6 +220,19 @@ def _trial(args: argparse.Namespace) -> int:
     return 0 if result.outcome == "ok" else EXIT_RUN_FAILED
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mcp_server.__main__ import serve
+
+    serve(args.http)
+    return 0
+
+
+def _install_skills(args: argparse.Namespace) -> int:
+    from tools.skills import install_skills
+
+    return _show(install_skills(args.target, force=args.force), args.json, "skill_install")
+
+
 def _show(result, as_json: bool, view: str, *context) -> int:
     """JSON for machines, or the table/text ``render.<view>`` draws for people."""
     if as_json:
@@ -220,13 +251,3 @@ def _read_text(path: str, what: str) -> str:
         return open(path, encoding="utf-8", errors="replace").read()
     except OSError as exc:
         raise PipefitError(f"Cannot read the {what} {path!r}: {exc.strerror}.", "Check the path, or pass - for stdin.")
-
-
-def _quiet_third_party_imports() -> None:
-    """torchao and bitsandbytes log missing optional kernels at import; that is not the user's concern."""
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="torch.utils._pytree")

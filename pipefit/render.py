@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # the models only annotate here; importing them would pull li
     from tools.measure import PipelineMeasurement
     from tools.patch import PatchResult
     from tools.recommend import Recommendation
+    from tools.skills import SkillInstall
     from tools.triage import OomTriage
     from tools.trial import TrialResult
 
@@ -130,6 +131,15 @@ def triage(result: OomTriage, console: Console) -> None:
         console.print(f"- {escape(line)}", highlight=False)
 
 
+def skill_install(result: SkillInstall, console: Console) -> None:
+    if result.changed:
+        files = f"{len(result.files)} file{'' if len(result.files) == 1 else 's'}"
+        console.print(f"Installed the pipefit skill ({files}) in {escape(result.path)}")
+    else:
+        console.print(f"The pipefit skill in {escape(result.path)} is already up to date")
+    console.print("Agents that read that folder (Claude Code: .claude/skills/ in a project) load it when relevant.")
+
+
 def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -196,7 +206,7 @@ def trial(result: TrialResult, console: Console) -> None:
         console.print(escape(result.simulation), style="dim")
     for line in (result.oom.advice[:2] if result.oom else []):
         console.print(f"- {escape(line)}", highlight=False)
-    if result.outcome in ("error", "timeout") and result.output_tail.strip():
+    if result.outcome in ("error", "timeout", "cancelled") and result.output_tail.strip():
         console.print("[bold]output (tail):[/]")
         console.print(escape("\n".join(result.output_tail.splitlines()[-15:])), highlight=False, soft_wrap=True)
     console.print(f"log: {escape(result.log_path)}", style="dim")

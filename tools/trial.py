@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from .sampler import Nvml, TreeSampler, VramSource
 from .triage import OomTriage, Stage, triage_oom
 from .units import format_bytes, parse_size
 
-Outcome = Literal["ok", "cuda_oom", "host_oom", "timeout", "error"]
+Outcome = Literal["ok", "cuda_oom", "host_oom", "timeout", "cancelled", "error"]
 DEFAULT_TIMEOUT_S = 1800.0
 _POLL_S = 0.05
 _GRACE_S = 3.0  # between SIGTERM and SIGKILL
@@ -107,6 +108,7 @@ def run_trial(
     python: str | None = None,
     log_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> TrialResult:
     """Run a script in a child process and measure its real peaks and times; classify how it ended.
 
@@ -118,8 +120,9 @@ def run_trial(
     callback_on_step_end) and the time before the first step and after the last.
     ``vram_cap`` (e.g. "12GiB") simulates a smaller card: PyTorch's allocator is capped at the cap
     minus the measured CUDA context. ``ram_cap`` stops the run when the tree's RSS passes it (a
-    simulated host limit). ``timeout`` seconds (None: no limit) stops the whole tree.
-    Outcome: ok, cuda_oom (numbers and stage in ``oom``), host_oom, timeout or error; the output's
+    simulated host limit). ``timeout`` seconds (None: no limit) stops the whole tree, and so does
+    setting ``cancel`` from another thread.
+    Outcome: ok, cuda_oom (numbers and stage in ``oom``), host_oom, timeout, cancelled or error; the output's
     tail is in the result, the full log at ``log_path``. Next step on an OOM: recommend with a
     smaller budget, or triage_oom on the log.
     """
@@ -147,7 +150,7 @@ def run_trial(
         run = _Run(
             script=path, ran=ran, args=list(args), python=python or sys.executable, workdir=workdir,
             trial_dir=trial_dir, timeout=timeout, vram_cap=cap, gpu=gpu, ram_cap=ram_limit, nvml=nvml,
-            progress=progress or (lambda message: None), patch_edits=edits, warnings=warnings,
+            progress=progress or (lambda message: None), patch_edits=edits, warnings=warnings, cancel=cancel,
         )  # fmt: skip
         return run.execute()
     finally:
@@ -205,6 +208,7 @@ class _Run:
     progress: Callable[[str], None]
     patch_edits: list[str]
     warnings: list[str]
+    cancel: threading.Event | None = None
     events: list[dict] = field(default_factory=list)
     sampler: TreeSampler = field(init=False)
     _read_offset: int = 0
@@ -284,6 +288,9 @@ class _Run:
             if self._read_events():
                 last_report = time.monotonic()
             now = time.monotonic()
+            if self.cancel is not None and self.cancel.is_set():
+                self.progress("cancelled: stopping the script")
+                return "cancelled", self._stop_tree(child)
             if self.timeout is not None and now - started > self.timeout:
                 self.progress(f"timeout after {self.timeout:g} s: stopping the script")
                 return "timeout", self._stop_tree(child)
@@ -436,6 +443,9 @@ class _Run:
         if stopped_for == "timeout":
             result.outcome = "timeout"
             result.error = f"Ran past the {self.timeout:g} s timeout; pipefit stopped the script and its processes."
+        elif stopped_for == "cancelled":
+            result.outcome = "cancelled"
+            result.error = "Cancelled by the caller; pipefit stopped the script and its processes."
         elif stopped_for == "ram_cap":
             result.outcome = "host_oom"
             result.error = (

@@ -1,0 +1,294 @@
+"""pipefit's tools for agents, over MCP (the official Python SDK's MCPServer).
+
+Each tool translates its arguments, calls the tools/ function in a worker thread (they block: file
+reads, child processes) and returns that function's pydantic model as structured output. Errors a
+user can cause (PipefitError, invalid values) come back as tool errors that name the fix; progress
+messages become progress notifications; cancelling run_trial stops its child process tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field, ValidationError
+
+from tools.errors import PipefitError
+from tools.hardware import HardwareReport
+from tools.measure import PipelineMeasurement
+from tools.patch import PatchResult
+from tools.recommend import Recommendation
+from tools.skills import skill_dir, skill_files
+from tools.triage import OomTriage
+from tools.trial import TrialResult
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+Dtype = Literal["bfloat16", "float16", "float32"]
+CANCEL_GRACE_S = 30.0  # how long a cancelled run_trial may take to stop its processes
+
+INSTRUCTIONS = """\
+pipefit makes a Hugging Face diffusers pipeline fit the GPU and host it runs on, by measurement.
+The loop: triage_oom (a traceback) -> detect_hardware -> measure_components (the model) -> recommend
+(every strategy, predicted; show the user the best of each group and ask what matters) ->
+patch_script (the chosen plan, as a diff) -> run_trial (prove it). When a trial runs out of memory
+or misses the prediction, call recommend again with what it measured. The skill's docs are the
+skill://pipefit/ resources; the fix-oom prompt starts the loop from a traceback."""
+
+server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING")
+
+
+def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_world: bool = False):
+    """Register an async tool with its docstring, dedented, as the description agents read."""
+
+    def register(fn):
+        annotations = ToolAnnotations(
+            title=title, read_only_hint=read_only, destructive_hint=False if not read_only else None,
+            idempotent_hint=idempotent, open_world_hint=open_world,
+        )  # fmt: skip
+        return server.tool(title=title, description=inspect.cleandoc(fn.__doc__), annotations=annotations)(fn)
+
+    return register
+
+
+async def _call(ctx: Context | None, fn: Callable[..., T], *args: Any, cancel: threading.Event | None = None, **kwargs: Any) -> T:
+    """Run a blocking tools/ function in a worker thread. Its progress messages are sent as progress
+    notifications; its user errors are raised as tool errors. With ``cancel``, a cancelled request
+    sets it and waits (shielded) for the function to clean up before the cancellation goes on."""
+    counter = itertools.count(1)
+
+    def progress(message: str) -> None:
+        if ctx is None:
+            return
+        with contextlib.suppress(Exception):  # the request is gone (cancelled, closed): progress no longer matters
+            anyio.from_thread.run(functools.partial(ctx.report_progress, next(counter), None, message))
+
+    if "progress" in inspect.signature(fn).parameters:
+        kwargs["progress"] = progress
+    if cancel is not None:
+        kwargs["cancel"] = cancel
+    finished = threading.Event()
+
+    def work() -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=cancel is not None)
+    except anyio.get_cancelled_exc_class():
+        if cancel is not None:
+            cancel.set()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
+        raise
+    except PipefitError as exc:
+        raise ToolError(str(exc)) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "input"
+        raise ToolError(f"Invalid {where}: {first['msg']}.") from None
+    except Exception as exc:  # a bug in pipefit: say what, keep serving, leave the traceback on stderr
+        logger.exception("%s failed", getattr(fn, "__name__", "a tool"))
+        raise ToolError(
+            f"pipefit failed unexpectedly ({type(exc).__name__}: {exc}). This is a bug in pipefit; the server's "
+            "stderr has the traceback. Try the CLI equivalent, or report it."
+        ) from None
+
+
+@_tool(title="Detect the machine")
+async def detect_hardware(
+    bandwidth: Annotated[bool, Field(description="also time host-to-GPU copies (about 1 s; offloading speed)")] = False,
+) -> HardwareReport:
+    """The GPUs (total, free and used memory, memory other processes hold, compute capability,
+    bf16 / fp8 / flash-attention support), host RAM with its container limit, and the installed
+    stack (torch, diffusers, bitsandbytes, torchao, attention packages). Works without a GPU.
+
+    Call it before recommend, which plans for the free VRAM and usable RAM it reports.
+    """
+    from tools.hardware import detect_hardware as run
+
+    return await _call(None, run, bandwidth=bandwidth)
+
+
+@_tool(title="Measure a pipeline's components")
+async def measure_components(
+    model: Annotated[str, Field(description="hub id, local diffusers folder, hub cache entry, or builtin:NAME")],
+    ctx: Context,
+    dtype: Dtype = "bfloat16",
+    refresh: Annotated[bool, Field(description="measure again instead of answering from the cache")] = False,
+) -> PipelineMeasurement:
+    """Exact bytes of every component of a diffusers pipeline, from its configs and weight headers,
+    never loading weights: parameters, bytes at dtype, repeated blocks, the groups block-level
+    group offloading makes, the largest layer, bytes after fp8 layerwise casting and after bnb nf4,
+    bnb int8 and torchao int8. A hub id is read from the Hugging Face cache when offline;
+    builtin:flux1-dev, builtin:sdxl-base and builtin:wan2.1-t2v-1.3b ship with pipefit.
+
+    Next: recommend (it measures on its own; call this to show the user the components).
+    """
+    from tools.measure import measure_components as run
+
+    return await _call(ctx, run, model, dtype=dtype, cache=not refresh)
+
+
+@_tool(title="Recommend a strategy")
+async def recommend(
+    model: Annotated[str, Field(description="as for measure_components")],
+    ctx: Context,
+    height: Annotated[int, Field(ge=8)] = 1024,
+    width: Annotated[int, Field(ge=8)] = 1024,
+    frames: Annotated[int | None, Field(ge=1, description="video pipelines: frames per call")] = None,
+    steps: Annotated[int, Field(ge=1)] = 28,
+    batch: Annotated[int, Field(ge=1, description="images or videos per call")] = 1,
+    vram: Annotated[str | None, Field(description="plan for this much GPU memory, e.g. '16GiB'")] = None,
+    ram: Annotated[str | None, Field(description="plan for this much host RAM, e.g. '64GiB'")] = None,
+    prefer: Literal["speed", "memory", "quality", "balanced"] = "balanced",
+    plan: Annotated[dict | str | None, Field(description="evaluate only this plan (JSON object)")] = None,
+    dtype: Dtype = "bfloat16",
+) -> Recommendation:
+    """Every strategy for the pipeline at this workload: predicted peak VRAM (as the driver sees it),
+    RAM while loading and while running, seconds per call; whether each fits and why not; ranked by
+    prefer, fitting options first. group separates full-precision plans (offloading, fp8 casting)
+    from quantized ones: present the best of each group with their figures and ask the user what
+    matters (speed, memory, quality). Without vram/ram it plans for this machine's free memory.
+    Each option's plan is the JSON patch_script and run_trial take; basis says whether that kind of
+    plan was calibrated on a GPU. margin_bytes is kept free.
+
+    Next: patch_script with the chosen option's plan.
+    """
+    from tools.estimate import Workload
+    from tools.recommend import recommend as run
+
+    def work(progress: Callable[[str], None]) -> Recommendation:
+        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch)
+        return run(model, workload, vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, progress=progress)
+
+    return await _call(ctx, work)
+
+
+@_tool(title="Patch a script to apply a plan", read_only=False)
+async def patch_script(
+    script: Annotated[str, Field(description="path of the user's Python script")],
+    plan: Annotated[dict | str, Field(description="a plan from recommend (JSON object)")],
+    output: Annotated[str | None, Field(description="write the patched script here; omit to write nothing")] = None,
+) -> PatchResult:
+    """Rewrite the user's script on its syntax tree so it applies the plan: quantization configs,
+    offloading, fp8 casting, VAE tiling, compile. Returns the new source, a unified diff and the
+    edits in words. Writes nothing unless output is given (show the diff to the user first; write
+    to a new file unless they ask to replace theirs). Refuses, writing nothing, when the script does
+    not parse, builds no pipeline, or the plan breaks a compatibility rule; the message says which.
+
+    Next: run_trial with the script and the plan (or the written output) to prove it.
+    """
+    from tools.patch import patch_script as run
+
+    return await _call(None, run, script, plan, output=output)
+
+
+@_tool(title="Run a trial", read_only=False, idempotent=False)
+async def run_trial(
+    script: Annotated[str, Field(description="path of the Python script to run")],
+    ctx: Context,
+    plan: Annotated[dict | str | None, Field(description="apply this plan to a copy first")] = None,
+    args: Annotated[list[str], Field(description="the script's command-line arguments")] = [],  # noqa: B006
+    vram_cap: Annotated[str | None, Field(description="simulate a smaller NVIDIA GPU, e.g. '12GiB'")] = None,
+    ram_cap: Annotated[str | None, Field(description="stop the run past this much RAM, e.g. '32GiB'")] = None,
+    timeout: Annotated[float, Field(gt=0, description="seconds before the run is stopped")] = 1800,
+    cwd: Annotated[str | None, Field(description="working folder (default: the server's)")] = None,
+) -> TrialResult:
+    """Run the script (or the plan applied to a copy; the user's file is never modified) in a child
+    process and measure it: peak VRAM as the driver sees it, PyTorch's peaks, peak RAM while loading
+    and running, seconds per call and per step. Outcome: ok, cuda_oom (with the triage), host_oom,
+    timeout, cancelled or error. Runs the user's code: it may take minutes and uses the GPU.
+    Cancelling the request stops the script and every process it started.
+
+    Next: compare with recommend's prediction; on an OOM or a miss, recommend again with a smaller
+    vram or ram, or pick the next option.
+    """
+    from tools.trial import run_trial as run
+
+    return await _call(
+        ctx, run, script, plan, args=list(args), vram_cap=vram_cap, ram_cap=ram_cap, timeout=timeout, cwd=cwd,
+        cancel=threading.Event(),
+    )  # fmt: skip
+
+
+@_tool(title="Triage an out-of-memory error")
+async def triage_oom(
+    text: Annotated[str, Field(description="the traceback or log, as pasted")],
+    script: Annotated[str | None, Field(description="the failing script's source, for the model and sizes")] = None,
+    script_path: Annotated[str | None, Field(description="or the path of that script")] = None,
+) -> OomTriage:
+    """Read an out-of-memory traceback or log (CUDA, MPS, host RAM, the OOM killer, incompatible
+    strategies): what failed, in which stage (load, text encoding, denoising, VAE decode), which
+    component, the sizes it names (tried to allocate, free, reserved, other processes), the
+    shortfall, and the model id and workload found in the script. advice says what to try.
+
+    Next: detect_hardware, then recommend with the model and workload it found.
+    """
+    from tools.triage import triage_oom as run
+
+    if script is None and script_path is not None:
+        try:
+            script = Path(script_path).expanduser().read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise ToolError(f"Cannot read the script {script_path!r}: {exc.strerror}. Check the path.") from None
+    return await _call(None, run, text, script=script)
+
+
+def _register_skill_resources() -> None:
+    """Each file of the skill as skill://pipefit/PATH, read from disk when asked."""
+    root = skill_dir()
+    for name in skill_files():
+        path = root / name
+        mime = "text/markdown" if name.endswith(".md") else "text/plain"
+        description = "pipefit's skill: the loop, the tools, how to present options" if name == "SKILL.md" else None
+        server.resource(f"skill://pipefit/{name}", name=f"pipefit/{name}", mime_type=mime, description=description)(
+            _reader(path)
+        )
+
+
+def _reader(path: Path) -> Callable[[], str]:
+    def read() -> str:
+        return path.read_text(encoding="utf-8")
+
+    return read
+
+
+_register_skill_resources()
+
+
+@server.prompt(name="fix-oom", title="Fix a diffusers out-of-memory error")
+def fix_oom(traceback: str, script: str = "", script_path: str = "") -> str:
+    """Start pipefit's loop from a pasted traceback and the script that raised it."""
+    where = f"The script is at {script_path}." if script_path else ""
+    source = f"\n\nThe script:\n```python\n{script}\n```" if script else ""
+    return f"""My diffusers pipeline ran out of memory. {where}
+
+The traceback:
+```
+{traceback}
+```{source}
+
+Fix it with the pipefit tools, in this order:
+1. triage_oom with the traceback (and the script) to learn what failed, where and by how much.
+2. detect_hardware for this machine's free VRAM and RAM.
+3. recommend for the model and workload the triage found (ask me if it found none).
+4. Show me the best full-precision and the best quantized options with their predicted VRAM, RAM
+   and time, say which you would pick, and ask me what matters most before going on.
+5. patch_script with the chosen plan: show me the diff; write a new file, not over mine.
+6. run_trial with the plan to prove it fits; if it does not, recommend again with what it measured."""
