@@ -71,7 +71,10 @@ def main() -> None:
     if args.out:
         command = " ".join(["python", "bench/mcp_latency.py", *sys.argv[1:]])
         with args.out.open("a") as f:
-            f.write(json.dumps({"kind": "mcp_latency", "runs": rows, "median": median, **provenance(), "command": command}) + "\n")
+            f.write(
+                json.dumps({"kind": "mcp_latency", "runs": rows, "median": median, **provenance(), "command": command})
+                + "\n"
+            )
 
 
 if __name__ == "__main__":

@@ -64,7 +64,9 @@ def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_w
     return register
 
 
-async def _call(ctx: Context | None, fn: Callable[..., T], *args: Any, cancel: threading.Event | None = None, **kwargs: Any) -> T:
+async def _call(
+    ctx: Context | None, fn: Callable[..., T], *args: Any, cancel: threading.Event | None = None, **kwargs: Any
+) -> T:
     """Run a blocking tools/ function in a worker thread. Its progress messages are sent as progress
     notifications; its user errors are raised as tool errors. With ``cancel``, a cancelled request
     sets it and waits (shielded) for the function to clean up before the cancellation goes on."""

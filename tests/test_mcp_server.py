@@ -136,6 +136,30 @@ def test_every_tool_answers_with_structured_results(tiny_dirs, tmp_path):
     assert len(progress) >= 2  # measure_components' too
 
 
+def test_measuring_a_hub_id_sends_progress(fake_hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(fake_hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub))
+    progress: list[tuple[float, str]] = []
+
+    async def on_progress(value, total, message):
+        progress.append((value, message))
+
+    async def main():
+        async with Client(server) as client:
+            return await client.call_tool(
+                "measure_components", {"model": "black-forest-labs/FLUX.1-dev", "refresh": True},
+                progress_callback=on_progress,
+            )  # fmt: skip
+
+    result = run(main)
+    assert not result.is_error, _text(result)
+    assert result.structured_content["pipeline_class"] == "FluxPipeline"
+    assert len(progress) >= 2 and [v for v, _ in progress] == sorted(v for v, _ in progress)
+    assert any("transformer" in (m or "") for _, m in progress), progress
+
+
 # ---- bad input: a tool error that names the fix, and the server goes on --------------------------
 
 
@@ -153,7 +177,9 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize(("tool", "arguments", "named"), BAD_INPUT, ids=[f"{t}-{i}" for i, (t, *_) in enumerate(BAD_INPUT)])
+@pytest.mark.parametrize(
+    ("tool", "arguments", "named"), BAD_INPUT, ids=[f"{t}-{i}" for i, (t, *_) in enumerate(BAD_INPUT)]
+)
 def test_bad_input_is_a_tool_error_and_the_server_goes_on(tool, arguments, named):
     async def main():
         async with Client(server) as client:
@@ -260,7 +286,9 @@ def test_skill_resources_and_fix_oom_prompt_are_readable():
 
 def test_stdio_server_in_a_child_process(tmp_path):
     """`python -m mcp_server` as a client starts it: the same tools, real calls, a cancelled trial."""
-    params = StdioServerParameters(command=sys.executable, args=["-m", "mcp_server"], cwd=str(ROOT), env=_child_env(tmp_path))
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "mcp_server"], cwd=str(ROOT), env=_child_env(tmp_path)
+    )
     pid_file = tmp_path / "pids"
 
     async def main():

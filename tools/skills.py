@@ -28,7 +28,8 @@ def skill_dir() -> Path:
     folder = Path(__file__).resolve().parents[1] / "skills" / SKILL_NAME
     if not (folder / "SKILL.md").is_file():
         raise PipefitError(
-            f"pipefit's skill is missing: no {folder / 'SKILL.md'}.", "Reinstall pipefit (pip install -e . in a checkout)."
+            f"pipefit's skill is missing: no {folder / 'SKILL.md'}.",
+            "Reinstall pipefit (pip install -e . in a checkout).",
         )
     return folder
 
@@ -36,7 +37,9 @@ def skill_dir() -> Path:
 def skill_files() -> list[str]:
     """The skill's files, relative to its folder, SKILL.md first."""
     root = skill_dir()
-    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    names = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
     return sorted(names, key=lambda name: name != "SKILL.md")
 
 
