@@ -29,7 +29,17 @@ from scipy.optimize import least_squares
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.estimate import CALIBRATION, Architecture, Coefficients, Workload, estimate, placement, signature  # noqa: E402
+from tools.estimate import (  # noqa: E402
+    CALIBRATION,
+    Architecture,
+    Coefficients,
+    Workload,
+    estimate,
+    placement,
+    ram_mechanism,
+    signature,
+    transfer_mechanism,
+)  # fmt: skip
 from tools.measure import measure_components  # noqa: E402
 from tools.plan import parse_plan  # noqa: E402
 
@@ -59,6 +69,11 @@ def steady_call(row: dict) -> float:
     if row["plan_model"].offload == "model" or len(row["step_seconds"]) < 2:
         return row["seconds"]
     return row["seconds"] - max(0.0, row["step_seconds"][0] - steady_step(row))
+
+
+def same_workload(row: dict) -> str:
+    """A key equal for rows run at the same height, width, frames and steps."""
+    return json.dumps(row["workload"], sort_keys=True)
 
 
 def steady_step(row: dict) -> float:
@@ -141,7 +156,7 @@ def fit_vram(rows: list[dict], c: dict) -> dict:
 
 
 def fit_ram(rows: list[dict], c: dict) -> dict:
-    mechanisms = sorted({"group" if r["plan_model"].offload.startswith("group") else r["plan_model"].offload for r in rows} - {"none"})
+    mechanisms = sorted({ram_mechanism(r["plan_model"]) for r in rows} - {"none"})
 
     def unpack(x):
         out = json.loads(json.dumps(c))
@@ -195,10 +210,10 @@ def fit_speed(rows: list[dict], c: dict) -> dict:
     out = unpack_step(fit.x)
 
     # quantization and casting: step time relative to the same family's plain run at the same workload
-    plain_step = {(r["family"], json.dumps(r["workload"], sort_keys=True)): steady_step(r) for r in plain}
+    plain_step = {(r["family"], same_workload(r)): steady_step(r) for r in plain}
     ratios: dict[str, list[float]] = {}
     for r in rows:
-        base = plain_step.get((r["family"], json.dumps(r["workload"], sort_keys=True)))
+        base = plain_step.get((r["family"], same_workload(r)))
         p, arch = r["plan_model"], Architecture.of(r["measurement"])
         if base is None or p.offload != "none":
             continue
@@ -211,12 +226,12 @@ def fit_speed(rows: list[dict], c: dict) -> dict:
     out["step_factor"].setdefault("torchao_fp8wo", out["step_factor"].get("torchao_int8wo", 1.0))
 
     # regional compile: step time relative to the same plan without it, same family and workload
-    steps_of = {(r["family"], signature(r["plan_model"]), json.dumps(r["workload"], sort_keys=True)): steady_step(r)
+    steps_of = {(r["family"], signature(r["plan_model"]), same_workload(r)): steady_step(r)
                 for r in rows}  # fmt: skip
     gains = []
     for r in (r for r in rows if r["plan_model"].compile != "none"):
         eager = r["plan_model"].model_copy(update={"compile": "none"})
-        base = steps_of.get((r["family"], signature(eager), json.dumps(r["workload"], sort_keys=True)))
+        base = steps_of.get((r["family"], signature(eager), same_workload(r)))
         if base:
             gains.append(steady_step(r) / base)
     if gains:
@@ -227,9 +242,9 @@ def fit_speed(rows: list[dict], c: dict) -> dict:
     per_element = [r["after_last_step_seconds"] / Architecture.of(r["measurement"]).decode_elements(r["w"], whole=True) for r in plain]
     out["decode_seconds_per_element"] = statistics.median(per_element)
     tiled = [r for r in rows if r["plan_name"] == "vae_tiling"]
-    plain_post = {(r["family"], json.dumps(r["workload"], sort_keys=True)): r["after_last_step_seconds"] for r in plain}
-    factors = [r["after_last_step_seconds"] / plain_post[(r["family"], json.dumps(r["workload"], sort_keys=True))]
-               for r in tiled if (r["family"], json.dumps(r["workload"], sort_keys=True)) in plain_post]  # fmt: skip
+    plain_post = {(r["family"], same_workload(r)): r["after_last_step_seconds"] for r in plain}
+    factors = [r["after_last_step_seconds"] / plain_post[(r["family"], same_workload(r))]
+               for r in tiled if (r["family"], same_workload(r)) in plain_post]  # fmt: skip
     out["tiled_decode_time_factor"] = statistics.median(factors) if factors else 1.5
 
     # transfer efficiency of each offloading mechanism: the call's time beyond the compute, in bytes/s
@@ -254,16 +269,6 @@ def fit_speed(rows: list[dict], c: dict) -> dict:
     out["transfer_efficiency"].setdefault("group", out["transfer_efficiency"]["sequential"])
     return out
 
-
-def transfer_mechanism(plan) -> str | None:
-    """Which of the fitted transfer rates a plan's moves run at (None: no moves, or pinned streams, whose
-    rate is the measured pinned bandwidth)."""
-    if plan.offload in ("model", "sequential"):
-        return plan.offload
-    if plan.offload.startswith("group"):
-        g = plan.group_settings
-        return "group" if not g.use_stream else "stream_low_cpu_mem" if g.low_cpu_mem_usage else None
-    return None
 
 
 def fit_all(rows: list[dict], detect: dict) -> dict:

@@ -15,6 +15,7 @@ from .quiet import quiet_third_party_imports
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1  # `pipefit trial`: the script ran and did not succeed; the result says how
+DTYPES = ("bfloat16", "float16", "float32")  # tools.measure.DTYPES, without importing it at start-up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "or builtin:NAME (flux1-dev, sdxl-base, wan2.1-t2v-1.3b: full-size configs shipped with pipefit).",
     )
     measure.add_argument("model", metavar="MODEL")
-    measure.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    measure.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     measure.add_argument("--no-cache", action="store_true", help="measure again even if a cached result exists")
     measure.add_argument("--json", action="store_true", help="machine-readable output")
     measure.set_defaults(run=_measure)
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--ram", metavar="SIZE", help="plan for this much host RAM, e.g. 64GiB")
     recommend.add_argument("--prefer", choices=("speed", "memory", "quality", "balanced"), default="balanced")
     recommend.add_argument("--plan", metavar="PLAN", help="evaluate this plan only (inline JSON or a .json file)")
-    recommend.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    recommend.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     recommend.add_argument("--all", action="store_true", help="list every option, not the best ten of each group")
     recommend.add_argument("--json", action="store_true", help="machine-readable output (every option)")
     recommend.set_defaults(run=_recommend)

@@ -288,9 +288,9 @@ def estimate(
         off = sum(b for n, b in weights.items() if n not in kept)
         g = plan.group_settings
         pinned = plan.offload.startswith("group") and g.use_stream and not g.low_cpu_mem_usage
-        mechanism = "group" if plan.offload.startswith("group") else plan.offload
         per_byte = k.ram_run_offloaded_per_byte
-        ram_run += off * (k.ram_run_pinned_per_byte if pinned else per_byte.get(mechanism, max(per_byte.values())))
+        fitted = per_byte.get(ram_mechanism(plan), max(per_byte.values()))
+        ram_run += off * (k.ram_run_pinned_per_byte if pinned else fitted)
         if pinned:
             ram_load = max(ram_load, ram_run)  # pinned copies are made at setup
 
@@ -383,8 +383,24 @@ def _transfer_seconds(
             return (w.steps * per_step + others) / rate
         return w.steps * max(0.0, per_step / pinned - step) + others / pinned
     # layer by layer, or group by group without streams: each move waits for the last
-    rate = (eff.get("group", eff["sequential"]) if plan.offload.startswith("group") else eff["sequential"]) * pageable
+    rate = eff.get(transfer_mechanism(plan), eff["sequential"]) * pageable
     return (w.steps * per_step + others) / rate
+
+
+def ram_mechanism(plan: Plan) -> str:
+    """Which fitted host-RAM term a plan's offloaded weights follow: model, sequential or group."""
+    return "group" if plan.offload.startswith("group") else plan.offload
+
+
+def transfer_mechanism(plan: Plan) -> str | None:
+    """Which fitted transfer rate a plan's moves run at: model, sequential, group (no streams) or
+    stream_low_cpu_mem (None: no moves, or pinned streams, which run at the measured pinned rate)."""
+    if plan.offload in ("model", "sequential"):
+        return plan.offload
+    if plan.offload.startswith("group"):
+        g = plan.group_settings
+        return "group" if not g.use_stream else "stream_low_cpu_mem" if g.low_cpu_mem_usage else None
+    return None
 
 
 def signature(plan: Plan) -> str:

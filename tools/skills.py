@@ -37,10 +37,8 @@ def skill_dir() -> Path:
 def skill_files() -> list[str]:
     """The skill's files, relative to its folder, SKILL.md first."""
     root = skill_dir()
-    names = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    )
-    return sorted(names, key=lambda name: name != "SKILL.md")
+    names = (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(names, key=lambda name: (name != "SKILL.md", name))
 
 
 def install_skills(target: str | Path | None = None, force: bool = False) -> SkillInstall:
