@@ -17,6 +17,7 @@ import anyio
 import psutil
 import pytest
 from mcp import Client, StdioServerParameters
+from processes import alive, gone_within
 
 from mcp_server.server import server
 from tools.skills import skill_dir
@@ -31,22 +32,6 @@ READ_ONLY = {"detect_hardware", "measure_components", "recommend", "triage_oom"}
 
 def run(fn, *args):
     return anyio.run(fn, *args)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _gone_within(pids: list[int], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not any(_alive(pid) for pid in pids):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _child_env(tmp_path: Path) -> dict[str, str]:
@@ -226,7 +211,7 @@ def test_run_trial_that_times_out_stops_the_tree(tmp_path):
 
     result = run(main)
     assert result.structured_content["outcome"] == "timeout"
-    assert _gone_within([int(p) for p in pid_file.read_text().split()], 5)
+    assert gone_within([int(p) for p in pid_file.read_text().split()], 5)
 
 
 async def _cancel_once_started(client: Client, pid_file: Path) -> None:
@@ -253,7 +238,7 @@ def test_cancelled_run_trial_leaves_no_process(tmp_path):
 
     after = run(main)
     pids = [int(p) for p in pid_file.read_text().split()]
-    assert _gone_within(pids, 15), [p for p in pids if _alive(p)]
+    assert gone_within(pids, 15), [p for p in pids if alive(p)]
     assert not after.is_error
 
 
@@ -311,7 +296,7 @@ def test_stdio_server_in_a_child_process(tmp_path):
     assert triage.structured_content["kind"] == "cuda_oom"
     assert any(o["fits"] for o in advice.structured_content["options"])
     assert bad.is_error and "/no/such/folder" in _text(bad)
-    assert _gone_within([int(p) for p in pid_file.read_text().split()], 15)
+    assert gone_within([int(p) for p in pid_file.read_text().split()], 15)
     assert not after.is_error
 
 

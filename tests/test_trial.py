@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from processes import alive
 
 from tools.errors import PipefitError
 from tools.trial import run_trial
@@ -22,13 +23,6 @@ from tools.trial import run_trial
 SCRIPTS = Path(__file__).parent / "fixtures" / "trial"
 CORPUS = Path(__file__).parent / "fixtures" / "scripts"
 GiB = 2**30
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def trial(name: str, *args: str, **kwargs):
@@ -145,7 +139,7 @@ def test_a_timeout_stops_the_whole_tree(tmp_path):
     assert result.outcome == "timeout"
     assert 3 <= result.seconds < 15
     child, helper = map(int, pids.read_text().split())
-    assert not _alive(child) and not _alive(helper)
+    assert not alive(child) and not alive(helper)
     assert "hanging" in result.output_tail
 
 
@@ -153,7 +147,7 @@ def test_processes_the_script_leaves_running_are_stopped_and_reported(tmp_path):
     pid_file = tmp_path / "pid"
     result = trial("leaves_helper.py", pid_file)
     assert result.outcome == "ok"
-    assert not _alive(int(pid_file.read_text()))
+    assert not alive(int(pid_file.read_text()))
     assert result.warnings == ["The script left 1 process(es) running when it ended; pipefit stopped them."]
 
 
@@ -170,7 +164,7 @@ def test_an_interrupt_leaves_no_process_behind(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         trial("hang.py", pids, progress=interrupt_once_started)
     child, helper = map(int, pids.read_text().split())
-    assert not _alive(child) and not _alive(helper)
+    assert not alive(child) and not alive(helper)
 
 
 def test_a_script_that_does_not_parse_is_an_error():
@@ -238,7 +232,7 @@ def fake_nvml(children_visible: bool, per_process: int = 3 * GiB, total: int = 8
     """An NVML that sees this test's live child processes each holding ``per_process`` bytes."""
 
     def children():
-        return [p for p in psutil.Process().children(recursive=True) if _alive(p.pid)]
+        return [p for p in psutil.Process().children(recursive=True) if alive(p.pid)]
 
     memory = lambda handle: types.SimpleNamespace(  # noqa: E731
         total=total, used=base + per_process * len(children()), free=total - base - per_process * len(children())
