@@ -176,6 +176,8 @@ def _recommend(args: argparse.Namespace) -> int:
     from tools.estimate import Workload
     from tools.recommend import recommend
 
+    quiet_third_party_imports()  # recommend measures, as `pipefit measure` does
+
     try:
         workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch)
     except ValueError as exc:
