@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One family's strategy calibration on the GPU machine, inside one device call:
 #   [ORDER='none model ...'] [WORKLOADS='768x768 ...'] [STEPS=4] [TIMEOUT=S] [CAPS='--vram-cap 16GiB --ram-cap 64GiB']
-#   [KEEP_WEIGHTS=1] bench/calibrate_gpu.sh sdxl|flux|wan OUT_DIR DEADLINE_SECONDS
+#   [KEEP_WEIGHTS=1] bench/calibrate_gpu.sh FAMILY OUT_DIR DEADLINE_SECONDS
 # Builds random full-size weights (bench/random_pipeline.py --save), then runs every plan of the
 # family (bench/calibration_plans.json), most informative first, at three workloads per process
 # until the deadline. The rows go to OUT_DIR/strategies-FAMILY.jsonl. KEEP_WEIGHTS=1 leaves the
@@ -15,8 +15,14 @@ case $family in
         workloads=(768x768 1024x1024 1280x1280) ;;
   wan)  build=wan2.1-t2v-1.3b dtype=bfloat16 timeout=180
         workloads=(480x832x17 480x832x33 480x832x49) ;;
-  *) echo "family: sdxl, flux or wan" >&2; exit 2 ;;
+  chroma) build=chroma dtype=bfloat16 timeout=240 workloads=(1024x1024) ;;
+  ltx)  build=ltx-video dtype=bfloat16 timeout=180 workloads=(512x768x49) ;;
+  cogvideox) build=cogvideox-5b dtype=bfloat16 timeout=240 workloads=(480x720x49) ;;
+  wan22-5b) build=wan2.2-ti2v-5b dtype=bfloat16 timeout=240 workloads=(480x832x33) ;;
+  *) echo "family: sdxl, flux, wan, chroma, ltx, cogvideox or wan22-5b" >&2; exit 2 ;;
 esac
+# ALLOC=expandable runs every plan with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (rows say which)
+[[ ${ALLOC:-} == expandable ]] && export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # ORDER / WORKLOADS in the environment override the plan order and the workloads
 timeout=${TIMEOUT:-$timeout}
 [[ -n ${WORKLOADS:-} ]] && read -ra workloads <<<"$WORKLOADS"

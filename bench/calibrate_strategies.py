@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,7 +39,9 @@ from provenance import provenance  # noqa: E402
 from tools.trial import run_trial  # noqa: E402
 
 PLANS = Path(__file__).with_name("calibration_plans.json")
-FAMILIES = {"Flux": "flux", "StableDiffusionXL": "sdxl", "Wan": "wan"}  # class-name prefix -> family
+# class-name prefix -> plan set: sdxl (a UNet, two CLIPs), flux (transformer + CLIP + T5 as text_encoder_2),
+# wan (transformer + one large text_encoder: Wan, Chroma, LTX, CogVideoX share its component names)
+FAMILIES = {"Flux": "flux", "StableDiffusionXL": "sdxl", "Wan": "wan", "Chroma": "wan", "LTX": "wan", "CogVideoX": "wan"}
 
 SCRIPT = """\
 import argparse
@@ -154,7 +157,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown plans for {family}: {unknown}; known: {sorted(plans)}")
     context = {
-        "model": class_name, "family": family, "weights": str(args.weights), "dtype": args.dtype, **provenance(),
+        "model": class_name, "family": family, "weights": str(args.weights), "dtype": args.dtype,
+        "build": args.build, "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default", **provenance(),
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     workloads = sorted(

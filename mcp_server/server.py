@@ -156,6 +156,10 @@ async def recommend(
     frames: Annotated[int | None, Field(ge=1, description="video pipelines: frames per call")] = None,
     steps: Annotated[int, Field(ge=1)] = 28,
     batch: Annotated[int, Field(ge=1, description="images or videos per call")] = 1,
+    guidance_scale: Annotated[
+        float | None, Field(description="the call's guidance_scale; omit for the pipeline's own default")
+    ] = None,
+    gpu: Annotated[str | None, Field(description="plan for this card, e.g. 'RTX 4090' (its memory unless vram)")] = None,
     vram: Annotated[str | None, Field(description="plan for this much GPU memory, e.g. '16GiB'")] = None,
     ram: Annotated[str | None, Field(description="plan for this much host RAM, e.g. '64GiB'")] = None,
     prefer: Literal["speed", "memory", "quality", "balanced"] = "balanced",
@@ -167,8 +171,9 @@ async def recommend(
     prefer, fitting options first. group separates full-precision plans (offloading, fp8 casting)
     from quantized ones: present the best of each group with their figures and ask the user what
     matters (speed, memory, quality). Without vram/ram it plans for this machine's free memory.
-    Each option's plan is the JSON patch_script and run_trial take; basis says whether that kind of
-    plan was calibrated on a GPU. margin_bytes is kept free.
+    Each option's plan is the JSON patch_script and run_trial take; predictions are derived from a dry
+    run of the pipeline's own code, and basis says whether this family and kind of plan also ran on a
+    GPU. guidance says how the pipeline runs CFG at this workload. margin_bytes is kept free.
 
     Next: patch_script with the chosen option's plan.
     """
@@ -176,8 +181,8 @@ async def recommend(
     from tools.recommend import recommend as run
 
     def work(progress: Callable[[str], None]) -> Recommendation:
-        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch)
-        return run(model, workload, vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, progress=progress)
+        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
+        return run(model, workload, vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, progress=progress)
 
     return await _call(ctx, work)
 

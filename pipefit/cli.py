@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from tools.errors import PipefitError
+from tools.model_source import builtin_examples
 
 from .quiet import quiet_third_party_imports
 
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         "measure",
         help="exact component sizes, blocks, offload groups, fp8 and quantized sizes (no weights loaded)",
         description="MODEL: a local diffusers folder (configs alone are enough), a hub id, a hub cache entry, "
-        "or builtin:NAME (flux1-dev, sdxl-base, wan2.1-t2v-1.3b: full-size configs shipped with pipefit).",
+        f"or builtin:NAME ({', '.join(builtin_examples())}: full-size configs shipped with pipefit).",
     )
     measure.add_argument("model", metavar="MODEL")
     measure.add_argument("--dtype", default="bfloat16", choices=DTYPES)
@@ -101,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--frames", type=int, help="video pipelines: frames per call")
     recommend.add_argument("--steps", type=int, default=28)
     recommend.add_argument("--batch", type=int, default=1, help="images (videos) per call")
+    recommend.add_argument("--guidance", type=float, metavar="SCALE",
+                           help="guidance_scale of the call (default: the pipeline's own); 0 or 1 runs no CFG in most pipelines")
+    recommend.add_argument("--gpu", metavar="NAME", help="plan for this card, e.g. 'RTX 4090' (its memory unless --vram)")
     recommend.add_argument("--vram", metavar="SIZE", help="plan for this much GPU memory, e.g. 16GiB")
     recommend.add_argument("--ram", metavar="SIZE", help="plan for this much host RAM, e.g. 64GiB")
     recommend.add_argument("--prefer", choices=("speed", "memory", "quality", "balanced"), default="balanced")
@@ -179,13 +183,14 @@ def _recommend(args: argparse.Namespace) -> int:
     quiet_third_party_imports()  # recommend measures, as `pipefit measure` does
 
     try:
-        workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch)
+        workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch,
+                            guidance_scale=args.guidance)  # fmt: skip
     except ValueError as exc:
         raise PipefitError(f"Invalid workload: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}.") from None
     with Console(stderr=True).status("Measuring", spinner="dots") as spinner:
         result = recommend(
             args.model, workload, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan, dtype=args.dtype,
-            progress=spinner.update,
+            gpu=args.gpu, progress=spinner.update,
         )  # fmt: skip
     return _show(result, args.json, "recommendation", args.all)
 

@@ -256,7 +256,7 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
             table.add_row(
                 str(rank), "[green]yes[/]" if option.fits else "[red]no[/]", escape(option.id),
                 format_bytes(p.vram_bytes), f"{format_bytes(p.ram_load_bytes)} / {format_bytes(p.ram_run_bytes)}",
-                f"{p.seconds:.1f}" + ("" if option.basis == "calibrated" else "*"), escape(why),
+                f"{p.seconds:.1f}" + ("" if option.basis == "measured" else "*"), escape(why),
             )  # fmt: skip
         console.print(table)
         if len(options) > len(shown):
@@ -266,5 +266,6 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
         console.print("[red]Nothing fits.[/] The closest options are listed; their reasons say what is short.")
         return
     console.print(f"[bold]Best:[/] {escape(best.id)}  plan: {escape(json.dumps(best.plan))}")
-    console.print("[dim]* modelled: no run of this kind of plan in calibration. Apply with `pipefit patch SCRIPT "
+    console.print(f"[dim]Guidance: {escape(result.guidance)}. Figures for {escape(result.gpu_profile)}.[/]")
+    console.print("[dim]* derived from the pipeline's code alone: no GPU run of this family and plan. Apply with `pipefit patch SCRIPT "
                   "--plan PLAN`, prove with `pipefit trial SCRIPT --plan PLAN`.[/]")  # fmt: skip

@@ -1,6 +1,7 @@
 """The calibration harness runs end to end on a CPU, so it is ready when a GPU is lent."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,18 @@ def test_every_calibration_plan_passes_the_rules():
             assert not errors, (family, name, errors)
 
 
-def test_fit_models_reports_the_targets_and_the_held_out_error(tmp_path):
-    out = tmp_path / "fit.jsonl"
+def test_fit_gpu_fits_the_gpu_constants_and_prints_every_run(tmp_path):
+    """bench/fit_gpu.py on two families' rows: the constants it fits and one line per run."""
+    rows = [line for line in (ROOT / "bench" / "results" / "strategies-h200.jsonl").read_text().splitlines()
+            if json.loads(line).get("build") in ("flux1-dev", "ltx-video")]  # fmt: skip
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("\n".join(rows) + "\n")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "fit_models.py"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, str(ROOT / "bench" / "fit_gpu.py"), "--runs", str(runs)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PIPEFIT_CACHE_DIR": str(tmp_path / "cache")},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "fitted on all families" in run.stdout and run.stdout.count("held out") == 3
-    (summary,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert set(summary["held_out"]) == {"flux", "sdxl", "wan"} and summary["rows"] >= 60
+    assert "context_bytes" in run.stdout and "fragmentation" in run.stdout
+    ok = [json.loads(r) for r in rows if json.loads(r)["ok"]]
+    assert sum(line.startswith(("flux1-dev ", "ltx-video ")) for line in run.stdout.splitlines()) == len(ok)
+    assert "peak VRAM:" in run.stdout and "within 10%" in run.stdout

@@ -81,10 +81,19 @@ PUBLISHED = {
     ("flux1-dev", "text_encoder"): 123.06e6, ("sdxl-base", "unet"): 2.567e9,
     ("sdxl-base", "text_encoder_2"): 694.7e6, ("wan2.1-t2v-1.3b", "transformer"): 1.42e9,
     ("wan2.1-t2v-1.3b", "text_encoder"): 5.68e9,
+    # the families added with the dry run (model cards and the published configs)
+    ("flux1-schnell", "transformer"): 11.891e9, ("sd3.5-medium", "transformer"): 2.243e9,
+    ("sd3.5-large", "transformer"): 8.057e9, ("sd3.5-large", "text_encoder_3"): 4.762e9,
+    ("wan2.1-t2v-14b", "transformer"): 14.289e9, ("wan2.2-t2v-a14b", "transformer_2"): 14.289e9,
+    ("wan2.2-ti2v-5b", "transformer"): 5.000e9, ("qwen-image", "transformer"): 20.43e9,
+    ("qwen-image", "text_encoder"): 8.292e9, ("z-image-turbo", "transformer"): 6.155e9,
+    ("z-image-turbo", "text_encoder"): 4.022e9, ("hunyuanvideo-1.5", "transformer"): 8.327e9,
+    ("ltx-video", "transformer"): 1.923e9, ("cogvideox-5b", "transformer"): 5.570e9,
+    ("chroma", "transformer"): 8.900e9, ("flux2-klein-4b", "transformer"): 3.876e9,
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("example", ["flux1-dev", "sdxl-base", "wan2.1-t2v-1.3b"])
+@pytest.mark.parametrize("example", sorted({name for name, _ in PUBLISHED}))
 def test_full_size_examples(example):
     result = measure_components(f"builtin:{example}")
     for (ex, comp), params in PUBLISHED.items():

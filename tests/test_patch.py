@@ -334,3 +334,20 @@ GPU_RUNS = [(n, p) for n in ("flux_device_var.py", "sdxl_argparse.py") for p in 
 def test_patched_script_runs_on_gpu(name, plan, fake_hub, tmp_path):
     """The CUDA-only plans (offloading hooks, streams, bitsandbytes, compile) as patched, on the GPU."""
     _run_patched(name, plan, fake_hub, tmp_path)
+
+
+def test_the_allocator_is_set_before_torch_starts_and_a_users_setting_wins():
+    source = (SCRIPTS / "flux_device_var.py").read_text()
+    patched = patch_source(source, {"offload": "model"}).source
+    tree = ast.parse(patched)
+    setting = next(i for i, s in enumerate(tree.body) if "PYTORCH_CUDA_ALLOC_CONF" in ast.unparse(s))
+    first_import = next(i for i, s in enumerate(tree.body) if isinstance(s, (ast.Import, ast.ImportFrom))
+                        and any(a.name.split(".")[0] in ("torch", "diffusers") for a in s.names)
+                        or isinstance(s, ast.ImportFrom) and (s.module or "").split(".")[0] in ("torch", "diffusers"))
+    assert setting < first_import
+    assert 'os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")' in patched
+    assert patch_source(patched, {"offload": "model"}).source == patched  # once only
+    # the user's own setting stays theirs; "default" leaves the allocator alone
+    own = 'import os\nos.environ["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"\n' + source
+    assert patch_source(own, {"offload": "model"}).source.count("PYTORCH_CUDA_ALLOC_CONF") == 1
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in patch_source(source, {"offload": "model", "allocator": "default"}).source

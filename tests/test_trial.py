@@ -5,6 +5,7 @@ fake is NVML on machines without a GPU (the sampler's device figures), injected 
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -375,3 +376,12 @@ def test_gpu_cap_above_the_peak_runs_and_keeps_the_allocator_under_it(sdxl_free,
     assert result.outcome == "ok", result.output_tail
     assert result.peak_torch_reserved_bytes <= cap - result.cuda_context_bytes
     assert_peaks_agree(result)
+
+
+def test_the_allocator_the_script_ran_with_is_reported(tiny_dirs, tmp_path):
+    """A plan's default allocator setting reaches the child before torch starts, and the trial says so."""
+    patched = trial("tiny_flux.py", tiny_dirs["flux"], 1, 1, plan={"offload": "none"}, cwd=tmp_path)
+    assert patched.outcome == "ok", patched.output_tail
+    assert patched.allocator == "expandable_segments:True"
+    plain = trial("tiny_flux.py", tiny_dirs["flux"], 1, 1, plan={"allocator": "default"}, cwd=tmp_path)
+    assert plain.outcome == "ok" and plain.allocator == (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default")

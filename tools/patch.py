@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from .errors import PipefitError
 from .plan import Plan, Target, check_plan, parse_plan
 from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
-from .strategies import Code, Site, attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
+from .strategies import Code, Site, allocator, attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
 LINE_LIMIT = 100  # longer generated calls get one argument per line
@@ -79,6 +79,7 @@ def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.p
     new_module = module.visit(rewriter)
     edits.sort(key=lambda edit: int(m.group(1)) if (m := re.search(r"line (\d+)", edit)) else 10**9)
     new_module = _add_imports(new_module, info, [imp for w in work for imp in w.imports], edits)
+    new_module = _set_environment(new_module, plan, edits)
     new_source = new_module.code
     diff = "".join(
         difflib.unified_diff(
@@ -484,6 +485,32 @@ def _drop_kwarg(call: cst.Call, name: str) -> cst.Call:
 
 
 # ---- imports ----------------------------------------------------------------------------------------
+
+
+def _set_environment(module: cst.Module, plan: Plan, edits: list[str]) -> cst.Module:
+    """The allocator's setting as the first statements after the docstring and ``__future__`` imports,
+    before any import that could start torch; nothing where the script already names the variable."""
+    lines = allocator.environment(plan)
+    if not lines or allocator.VARIABLE in module.code:
+        return module
+    body = list(module.body)
+    position = 0
+    for i, statement in enumerate(body):
+        first = statement.body[0] if isinstance(statement, cst.SimpleStatementLine) else None
+        docstring = i == 0 and isinstance(first, cst.Expr) and isinstance(first.value, cst.SimpleString)
+        future = isinstance(first, cst.ImportFrom) and isinstance(first.module, cst.Name) and first.module.value == "__future__"
+        if not (docstring or future):
+            break
+        position = i + 1
+    has_os = any(
+        isinstance(s, cst.SimpleStatementLine) and isinstance(s.body[0], cst.Import)
+        and any(isinstance(a.name, cst.Name) and a.name.value == "os" and a.asname is None for a in s.body[0].names)
+        for s in body[:position]
+    )  # fmt: skip
+    new = ([] if has_os else [cst.parse_statement("import os\n")]) + [cst.parse_statement(line + "\n") for line in lines]
+    line = len(module.with_changes(body=body[:position], footer=[]).code.splitlines()) + 1
+    edits.insert(0, f"line {line}: {allocator.edit(plan)}")
+    return module.with_changes(body=[*body[:position], *new, *body[position:]])
 
 
 def _add_imports(module: cst.Module, info: ScriptInfo, wanted: list[str], edits: list[str]) -> cst.Module:

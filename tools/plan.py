@@ -63,6 +63,11 @@ class Plan(_Strict):
     vae: VaeSpec = Field(default_factory=VaeSpec)
     compile: Literal["none", "regional", "full"] = "none"
     attention_backend: str | None = None
+    allocator: Literal["expandable_segments", "default"] = Field(
+        "expandable_segments",
+        description="expandable_segments: the patched script sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+        "(unless the user set it), which keeps reserved memory near allocated; default: the allocator as it is",
+    )
 
     @property
     def group_settings(self) -> GroupSpec:

@@ -11,17 +11,23 @@ against the compatibility rules (tools/strategies) and predicted by tools/estima
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
 from .errors import PipefitError
-from .estimate import Estimate, Workload, estimate, load_coefficients, signature
+from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
+from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
 from .plan import Plan, Target, check_plan, parse_plan
 from .strategies.attention import PACKAGE_OF_BACKEND
 from .units import format_bytes, parse_size
+
+if TYPE_CHECKING:
+    from .dryrun import Trace
 
 Preference = Literal["speed", "memory", "quality", "balanced"]
 CODE_FOR = 5  # options that carry their code; every option's plan goes to patch_script as it is
@@ -58,7 +64,9 @@ class Option(BaseModel):
     fits: bool
     predicted: Predicted
     peak_stage: str
-    basis: Literal["calibrated", "modelled"]
+    basis: Literal["measured", "derived"] = Field(
+        description="measured: this family and kind of plan ran on a GPU; derived: from the pipeline's code and sizes"
+    )
     reasons: list[str]
     code: str = Field(description="the pipeline loaded with the plan applied; for the five best fitting options")
 
@@ -69,9 +77,11 @@ class Recommendation(BaseModel):
     hardware: Machine
     workload: Workload
     prefer: Preference
-    margin_bytes: int = Field(description="kept free on the GPU: the largest under-prediction seen in calibration")
+    margin_bytes: int = Field(description="kept free on the GPU: the largest under-prediction seen on a GPU")
     options: list[Option] = Field(description="every plan evaluated: fitting ones first, best first")
-    calibration: str = Field(description="where the memory and speed terms were fitted")
+    gpu_profile: str = Field(description="whose context, allocator and compute figures the predictions use")
+    guidance: str = Field(description="how the pipeline runs guidance at this workload, as its dry run showed")
+    warnings: list[str] = Field(default_factory=list)
 
 
 def recommend(
@@ -83,47 +93,97 @@ def recommend(
     prefer: Preference = "balanced",
     plan: str | dict | Plan | None = None,
     dtype: str = "bfloat16",
+    gpu: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Recommendation:
     """Every strategy for ``model`` at ``workload`` on this machine (or ``vram``/``ram`` given, e.g. "16GiB"):
     predicted peak VRAM (what the driver sees), RAM while loading and while running, and seconds per
     call; whether each fits and why not; ranked by ``prefer``: speed, memory, quality (least precision
-    lost), or balanced (time, +10% per precision step lost and +10% where no calibration run backs it).
+    lost), or balanced (time, +10% per precision step lost).
 
     Options come fitting first, best first; ``group`` separates full-precision offloading/casting
     plans from quantization plans, as they should be presented. ``plan`` evaluates one given plan
     (JSON text, a file, a dict) instead of searching. Each option carries its plan (the JSON
-    patch_script and run_trial take) and the code that applies it. Predictions come from terms fitted
-    on full-size pipelines run on an H100 (bench/fit_models.py); ``basis`` says whether that kind of
-    plan was among the runs. ``margin_bytes`` is kept free on the GPU. Next: patch_script with the
-    chosen plan, then run_trial to prove it.
+    patch_script and run_trial take) and the code that applies it. Predictions are derived from the
+    pipeline's own code: a dry run of its ``__call__`` on the meta device at the workload (each
+    encoder pass, each denoiser forward with the pipeline's own guidance, the VAE decode), the
+    placement's residency per call, and the GPU's measured context, allocator and rates; ``basis``
+    says whether this family and kind of plan also ran on a GPU. ``gpu`` plans for a card that is
+    not here ("RTX 4090"; its memory is the VRAM unless ``vram`` is given). ``margin_bytes`` is kept
+    free on the GPU. Next: patch_script with the chosen plan, then run_trial to prove it.
     """
     if prefer not in PREFERENCES:
         raise PipefitError(f"Unknown preference {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
     workload = workload or Workload()
     say = progress or (lambda message: None)
     measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)
-    machine = _machine(vram, ram)
+    machine = _machine(vram, ram, gpu)
+    profile = gpu_profile(machine.gpu)
     k = load_coefficients()
     margin = int(k.margin_fraction * machine.vram_bytes)
     target = _target(measured, machine)
-    plans = [parse_plan(plan)] if plan is not None else candidates(measured, workload, machine, margin)
+    say(f"Dry-running {measured.pipeline_class} at {workload.height}x{workload.width} on the meta device")
+    trace = trace_for(measured, workload)
+    context = _Context(measured, workload, machine, profile, trace, margin)
+    plans = [parse_plan(plan)] if plan is not None else candidates(context)
+    if plan is None and sys.platform == "win32":  # PyTorch has no expandable segments there
+        plans = [p.model_copy(update={"allocator": "default"}) for p in plans]
     say(f"Evaluating {len(plans)} plans")
-    options = [_option(p, measured, workload, machine, target, margin) for p in plans]
+    options = [_option(p, context, target) for p in plans]
     options.sort(key=lambda o: (not o.fits, _score(o, prefer) if o.fits else _excess(o, machine)))
     for o in [o for o in options if o.fits][:CODE_FOR] if plan is None else options:
         o.code = plan_code(Plan.model_validate(o.plan), measured)  # rewriting a script costs ~20 ms: the best only
     return Recommendation(
         model=measured.model, pipeline_class=measured.pipeline_class, hardware=machine, workload=workload,
-        prefer=prefer, margin_bytes=margin, options=options,
-        calibration=f"{k.provenance.get('rows', '?')} runs on {k.gpu} ({', '.join(k.provenance.get('data', []))})",
+        prefer=prefer, margin_bytes=margin, options=options, gpu_profile=_describe(profile),
+        guidance=_guidance(trace, denoiser_of(measured)), warnings=trace.warnings,
     )  # fmt: skip
 
 
-def candidates(m: PipelineMeasurement, w: Workload, machine: Machine, margin: int) -> list[Plan]:
+@dataclass(frozen=True)
+class _Context:
+    """What every plan of one recommendation is predicted against."""
+
+    m: PipelineMeasurement
+    w: Workload
+    machine: Machine
+    profile: GpuProfile
+    trace: "Trace"
+    margin: int
+
+    def estimate(self, plan: Plan) -> Estimate:
+        return estimate(
+            plan, self.m, self.w, trace=self.trace, gpu=self.profile,
+            pageable_bytes_per_s=self.machine.pageable_bytes_per_s, pinned_bytes_per_s=self.machine.pinned_bytes_per_s,
+        )  # fmt: skip
+
+
+def _describe(profile: GpuProfile) -> str:
+    if profile.source == "measured":
+        return f"{profile.name}: context, allocator and compute rates measured there (bench/fit_gpu.py)"
+    return (f"{profile.name}: compute from vendor figures scaled by the efficiency measured on {profile.measured_on}; "
+            f"context and allocator as measured there")  # fmt: skip
+
+
+def _guidance(trace: "Trace", denoiser: str) -> str:
+    calls = trace.denoiser_calls(denoiser)
+    if not calls:
+        return "unknown: the dry run did not reach the denoiser"
+    per_step = trace.per_step(denoiser)
+    batch = next(iter(calls[0].inputs.values()), [1])[0]
+    scale = trace.call_kwargs.get("guidance_scale", "the pipeline's default")
+    if per_step >= 2:
+        return f"classifier-free guidance as a second pass ({per_step:g} denoiser calls per step; guidance_scale {scale})"
+    if batch >= 2:
+        return f"classifier-free guidance in one batch of {batch} (guidance_scale {scale})"
+    return f"no classifier-free guidance: one denoiser call per step (guidance_scale {scale})"
+
+
+def candidates(context: _Context) -> list[Plan]:
     """The plans worth predicting for this pipeline (before the rules and the fit are checked)."""
+    m, w = context.m, context.w
     comps = {n: c for n, c in m.components.items() if c.bytes}
-    denoiser = "unet" if "unet" in comps else "transformer"
+    denoiser = denoiser_of(m)
     big_encoders = [n for n, c in comps.items() if n.startswith("text_encoder") and c.bytes > BIG_ENCODER_BYTES]
     small = sorted(n for n, c in comps.items() if n != denoiser and c.bytes <= BIG_ENCODER_BYTES)
     stream_exclude = ["vae"] if "vae" in comps else []
@@ -150,12 +210,12 @@ def candidates(m: PipelineMeasurement, w: Workload, machine: Machine, margin: in
         for p in ({}, {"offload": "model"}):
             raw.append({"quantize": {"backend": backend, "components": list(components)}, **p})
     plans = [Plan.model_validate(p) for p in raw]
-    plans = [_fill_groups(p, m, w, machine, margin) for p in plans]
+    plans = [_fill_groups(p, context) for p in plans]
 
     # VAE tiling where the decode is the peak; compile and an attention backend as speed variants
     tiled = [Plan.model_validate({**p.model_dump(), "vae": {"tiling": True, "slicing": w.batch > 1}}) for p in plans]
-    plans += [t for p, t in zip(list(plans), tiled) if estimate(p, m, w).peak_stage == "vae" and
-              estimate(t, m, w).vram_bytes < estimate(p, m, w).vram_bytes]  # fmt: skip
+    plans += [t for p, t in zip(list(plans), tiled) if context.estimate(p).peak_stage == "vae" and
+              context.estimate(t).vram_bytes < 0.95 * context.estimate(p).vram_bytes]  # fmt: skip
     if comps[denoiser].repeated_blocks:
         plans += [p.model_copy(update={"compile": "regional"}) for p in plans if p.offload in ("none", "model")]
     from .hardware import installed_versions
@@ -167,24 +227,22 @@ def candidates(m: PipelineMeasurement, w: Workload, machine: Machine, margin: in
     return list(unique.values())
 
 
-def _fill_groups(plan: Plan, m: PipelineMeasurement, w: Workload, machine: Machine, margin: int) -> Plan:
+def _fill_groups(plan: Plan, context: _Context) -> Plan:
     """Block-level groups without streams: as many blocks per group as still fit, fewer moves."""
     if plan.offload != "group_block" or plan.group_settings.use_stream:
         return plan
     best = plan
     for n in (2, 4, 8, 16):
         bigger = plan.model_copy(update={"group": plan.group_settings.model_copy(update={"num_blocks_per_group": n})})
-        if estimate(bigger, m, w).vram_bytes + margin > machine.vram_bytes:
+        if context.estimate(bigger).vram_bytes + context.margin > context.machine.vram_bytes:
             break
         best = bigger
     return best
 
 
-def _option(plan: Plan, m: PipelineMeasurement, w: Workload, machine: Machine, target: Target, margin: int) -> Option:
-    e: Estimate = estimate(
-        plan, m, w, gpu_name=machine.gpu, pageable_bytes_per_s=machine.pageable_bytes_per_s,
-        pinned_bytes_per_s=machine.pinned_bytes_per_s,
-    )  # fmt: skip
+def _option(plan: Plan, context: _Context, target: Target) -> Option:
+    e: Estimate = context.estimate(plan)
+    machine, margin = context.machine, context.margin
     reasons = [f.message for f in check_plan(plan, target)]
     broken = any(f.severity == "error" for f in check_plan(plan, target))
     need = e.vram_bytes + margin
@@ -208,8 +266,11 @@ def _option(plan: Plan, m: PipelineMeasurement, w: Workload, machine: Machine, t
                           f"{format_bytes(ram_need)} RAM, {e.seconds:.1f} s per call.")  # fmt: skip
     if plan.compile != "none":
         reasons.append("The first call compiles the repeated blocks (a minute or more); later calls are faster.")
-    if e.basis == "modelled":
-        reasons.append("Predicted from the model's terms; plans of this kind were not among the calibration runs.")
+    if plan.allocator == "default":
+        reasons.append("Predicted for PyTorch's default caching allocator, which keeps freed blocks of every size "
+                       "it saw; with expandable segments (Linux CUDA) the peak would be lower.")  # fmt: skip
+    if e.basis == "derived":
+        reasons.append("Derived from the pipeline's code and sizes; no GPU run of this family and kind of plan backs it.")
     return Option(
         id=signature(plan) + _components_suffix(plan), group="quantized" if plan.quantize else "full_precision",
         plan=plan.model_dump(exclude_defaults=True), fits=fits,
@@ -232,8 +293,8 @@ def _score(o: Option, prefer: Preference) -> tuple:
         return (o.predicted.vram_bytes, s)
     if prefer == "quality":
         return (cost, s)
-    # balanced: a precision step is worth 10% of the time, and so is a prediction no run has checked
-    return (s * (1 + 0.1 * cost) * (1.1 if o.basis == "modelled" else 1.0),)
+    # balanced: a precision step is worth 10% of the time
+    return (s * (1 + 0.1 * cost),)
 
 
 def _excess(o: Option, machine: Machine) -> tuple:
@@ -257,27 +318,29 @@ def _repo(m: PipelineMeasurement) -> str:
     return m.model.removeprefix("builtin:")
 
 
-def _machine(vram: str | int | None, ram: str | int | None) -> Machine:
+def _machine(vram: str | int | None, ram: str | int | None, gpu: str | None = None) -> Machine:
     given_vram = parse_size(vram) if vram is not None else None
     given_ram = parse_size(ram) if ram is not None else None
+    if gpu is not None and given_vram is None:  # a card that is not here: its own memory
+        given_vram = gpu_profile(gpu).memory_bytes
     if given_vram is not None and given_ram is not None:
-        return Machine(gpu=None, vram_bytes=given_vram, ram_bytes=given_ram, source="given")
+        return Machine(gpu=gpu, vram_bytes=given_vram, ram_bytes=given_ram, source="given")
     from .hardware import detect_hardware
 
     hw = detect_hardware()
-    gpu = hw.gpus[0] if hw.gpus else None
-    if given_vram is None and gpu is None:
+    here = hw.gpus[0] if hw.gpus else None
+    if given_vram is None and here is None:
         raise PipefitError(
             "No GPU was detected, so there is no VRAM to plan for.",
-            "Pass --vram SIZE (e.g. --vram 16GiB) to plan for a GPU you will run on.",
+            "Pass --vram SIZE (e.g. --vram 16GiB) or --gpu NAME (e.g. --gpu 'RTX 4090') to plan for a GPU you will run on.",
         )
     return Machine(
-        gpu=gpu.name if gpu else None,
-        vram_bytes=given_vram if given_vram is not None else gpu.free_bytes,
+        gpu=gpu or (here.name if here else None),
+        vram_bytes=given_vram if given_vram is not None else here.free_bytes,
         ram_bytes=given_ram if given_ram is not None else hw.ram.effective_bytes,
         ram_is_container_limit=given_ram is None and hw.ram.container_limit_bytes is not None
         and hw.ram.container_limit_bytes <= hw.ram.available_bytes,
-        compute_capability=gpu.compute_capability if gpu and given_vram is None else None,
+        compute_capability=here.compute_capability if here and given_vram is None and gpu is None else None,
         source="detected" if given_vram is None and given_ram is None else "given",
     )  # fmt: skip
 
@@ -290,6 +353,6 @@ def _target(m: PipelineMeasurement, machine: Machine) -> Target:
         device_type="cuda", compute_capability=cc,
         component_libraries={n: c.library for n, c in m.components.items() if c.library in ("diffusers", "transformers")},
         component_classes={n: c.class_name for n, c in m.components.items()},
-        denoiser="unet" if "unet" in m.components else "transformer", versions=installed_versions(),
+        denoiser="unet" if denoiser_of(m) == "unet" else "transformer", versions=installed_versions(),
         repeated_blocks={n: [b.class_name for b in c.repeated_blocks] for n, c in m.components.items() if c.bytes},
     )  # fmt: skip

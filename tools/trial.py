@@ -92,6 +92,9 @@ class TrialResult(BaseModel):
     gpu_memory_released: bool | None = Field(None, description="the child's device memory was free after it ended")
     ram_cap_bytes: int | None = None
     cuda_context_bytes: int | None = Field(None, description="measured when a VRAM cap is simulated")
+    allocator: str | None = Field(
+        None, description="PYTORCH_CUDA_ALLOC_CONF as the script's first pipeline call saw it ('default': unset)"
+    )
     simulation: str | None = Field(None, description="what a simulated VRAM cap covers and what it does not")
     warnings: list[str] = Field(default_factory=list)
 
@@ -400,6 +403,7 @@ class _Run:
                 result.calls.append(call)
                 if result.seconds_before_first_call is None and start is not None:
                     result.seconds_before_first_call = round(t - start, 3)
+                result.allocator = result.allocator or event.get("allocator")
             elif call is None:
                 continue
             elif kind == "loop_start":

@@ -173,7 +173,8 @@ class PipelineTracer:
             tracer._depth += 1
             # The peaks so far (loading, earlier calls) go out before the counters restart for this call.
             tracer._events.emit(
-                "call_start", pipeline=type(pipe).__name__, callbacks=takes_callback, **allocator_peaks()
+                "call_start", pipeline=type(pipe).__name__, callbacks=takes_callback,
+                allocator=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default", **allocator_peaks()
             )
             _reset_peaks()
             ok = False

@@ -14,7 +14,13 @@ Each module declares ``RULES`` (see ``tools.plan.Rule``) and an ``apply`` functi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..dryrun import Trace
+    from ..measure import PipelineMeasurement
+    from ..plan import Plan
 
 
 @dataclass(frozen=True)
@@ -39,3 +45,81 @@ class Code:
     statements: tuple[str, ...] = ()
     imports: tuple[str, ...] = ()
     edit: str = ""
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Each component's bytes on the device under a plan (quantized, fp8-cast or as measured), with
+    the measured offload units scaled the same way."""
+
+    bytes: dict[str, int]
+    measured: "PipelineMeasurement" = field(repr=False)
+
+    @classmethod
+    def of(cls, plan: "Plan", m: "PipelineMeasurement") -> "Weights":
+        return cls({n: device_bytes(plan, n, c) for n, c in m.components.items() if c.bytes}, m)
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def _scale(self, name: str) -> float:
+        return self.bytes[name] / max(self.measured.components[name].bytes or 1, 1)
+
+    def largest_leaf(self, name: str) -> int:
+        """The largest layer of ``name`` as stored under the plan."""
+        if name not in self.bytes:
+            return 0
+        return int((self.measured.components[name].largest_leaf_bytes or 0) * self._scale(name))
+
+    def groups(self, name: str) -> list[int]:
+        """Block-level offload groups of ``name`` (root group last), as stored under the plan."""
+        measured = self.measured.components[name].block_offload_groups_bytes or [self.measured.components[name].bytes]
+        return [int(g * self._scale(name)) for g in measured]
+
+
+def device_bytes(plan: "Plan", name: str, comp) -> int:
+    """A component's bytes on the device under ``plan`` (quantized, fp8-cast or as measured)."""
+    size = comp.bytes or 0
+    if plan.quantize and name in plan.quantize.components:
+        # torchao's fp8 weight-only stores a byte per weight, as its int8 does
+        backend = "torchao_int8wo" if plan.quantize.backend == "torchao_fp8wo" else plan.quantize.backend
+        return (comp.quantized_bytes or {}).get(backend, size)
+    if plan.layerwise_casting and name in plan.layerwise_casting.components:
+        return comp.layerwise_fp8_bytes or size
+    return size
+
+
+def resident(plan: "Plan", trace: "Trace", weights: Weights) -> list[int]:
+    """Weight bytes on the device during each call of ``trace``, by the plan's placement module."""
+    from . import group_offload, offload
+
+    return (group_offload if plan.offload in group_offload.GROUP_KINDS else offload).resident(plan, trace, weights)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast this host moves weights: its measured pageable and pinned copy rates, and the share of
+    the pageable rate each offloading mechanism reaches (fitted on the H100 host)."""
+
+    pageable_bytes_per_s: float
+    pinned_bytes_per_s: float
+    efficiency: dict[str, float]
+
+
+def moved_per_step(trace: "Trace", weights: Weights, kept: set[str] = frozenset()) -> tuple[float, int]:
+    """(bytes of the components called in the denoising loop, per step; bytes of the others): what an
+    offloading hook moves through the GPU per step and once per call."""
+    in_loop = [c.component for c in trace.calls if c.step is not None and c.component not in kept]
+    per_step = sum(weights.bytes.get(n, 0) for n in in_loop) / max(trace.steps_run, 1)
+    looped = set(in_loop)
+    others = sum(b for n, b in weights.bytes.items() if n not in looped and n not in kept)
+    return per_step, others
+
+
+def transfer_seconds(plan: "Plan", trace: "Trace", weights: Weights, rates: Rates, steps: int, step_seconds: float) -> float:
+    """Seconds per call the plan's offloading spends moving weights beyond the compute, by its placement module."""
+    from . import group_offload, offload
+
+    module = group_offload if plan.offload in group_offload.GROUP_KINDS else offload
+    return module.transfer_seconds(plan, trace, weights, rates, steps, step_seconds)

@@ -18,8 +18,9 @@ from . import Code
 if TYPE_CHECKING:
     import torch
 
+    from ..dryrun import Trace
     from ..plan import Plan
-    from . import Site
+    from . import Rates, Site, Weights
 
 GROUP_KINDS = {"group_block": "block_level", "group_leaf": "leaf_level"}
 
@@ -131,3 +132,51 @@ def apply(plan: "Plan", site: "Site") -> Code:
         ("import torch",),
         f"group offloading ({GROUP_KINDS[plan.offload]}{streams}{resident})",
     )
+
+
+def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
+    """Weight bytes on the device during each call: the excluded components always, and the groups
+    of the running component that are on the device at once.
+
+    Block level moves ``num_blocks_per_group`` blocks (one with streams) plus the component's root
+    group; with streams the next group is copied in while one runs, so two neighbouring groups are
+    there. Leaf level moves one layer (two with streams). A CLIP or T5 encoder has no top-level block
+    list, so block level moves it whole (see :func:`block_level_groups`).
+    """
+    group = plan.group_settings
+    kept = sum(weights.bytes.get(name, 0) for name in group.exclude)
+    ahead = 2 if group.use_stream else 1
+    out = []
+    for call in trace.calls:
+        name = call.component
+        if name in group.exclude or name not in weights.bytes:
+            out.append(kept)
+        elif plan.offload == "group_leaf":
+            out.append(kept + ahead * weights.largest_leaf(name))
+        else:
+            out.append(kept + _block_window(weights.groups(name), 1 if group.use_stream else group.num_blocks_per_group,
+                                            group.use_stream))  # fmt: skip
+    return out
+
+
+def _block_window(groups: list[int], per: int, stream: bool) -> int:
+    """The most bytes block-level groups of ``per`` blocks hold at once (two neighbours with streams), root included."""
+    blocks, root = (groups[:-1], groups[-1]) if len(groups) > 1 else (groups, 0)
+    chunks = [sum(blocks[i : i + per]) for i in range(0, len(blocks), per)] or [0]
+    window = max(sum(chunks[i : i + 2]) for i in range(len(chunks))) if stream else max(chunks)
+    return window + root
+
+
+def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
+    """Every forward moves the offloaded groups through the GPU. With streams from pinned copies the
+    next group's copy overlaps the current group's compute, so only what the compute cannot hide
+    counts; pinned on the fly (low_cpu_mem_usage) or without streams, each copy waits."""
+    from . import moved_per_step
+
+    group = plan.group_settings
+    per_step, others = moved_per_step(trace, weights, set(group.exclude))
+    eff, pageable, pinned = rates.efficiency, rates.pageable_bytes_per_s, rates.pinned_bytes_per_s
+    if group.use_stream and not group.low_cpu_mem_usage:
+        return steps * max(0.0, per_step / pinned - step_seconds) + others / pinned
+    rate = eff["stream_low_cpu_mem"] if group.use_stream else eff["group"]
+    return (steps * per_step + others) / (rate * pageable)

@@ -14,8 +14,9 @@ from ..plan import Rule
 from . import Code
 
 if TYPE_CHECKING:
+    from ..dryrun import Trace
     from ..plan import Plan
-    from . import Site
+    from . import Rates, Site, Weights
 
 RULES = (
     Rule(
@@ -44,3 +45,42 @@ def apply(plan: "Plan", site: "Site") -> Code:
     method = {"model": "enable_model_cpu_offload", "sequential": "enable_sequential_cpu_offload"}[plan.offload]
     device = "" if site.device_is_default_cuda else f"device={site.device}"
     return Code((f"{site.pipe}.{method}({device})",), (), f"{plan.offload} CPU offload")
+
+
+def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
+    """Weight bytes on the device during each call of ``trace`` (all on the device, model or sequential offload).
+
+    Model offload follows accelerate's hook chain as diffusers builds it: components in
+    ``model_cpu_offload_seq`` get a hook whose pre-forward offloads only the PREVIOUS component of the
+    sequence, so an encoder called again (SD3 and SDXL encode the negative prompt after the prompt) comes
+    back while its successor is still on the device. Components outside the sequence stay on the device
+    from their first call to the end of the call; ``_exclude_from_cpu_offload`` ones stay there throughout.
+    Sequential offload moves each layer's own weights in for its forward: about two layers at once.
+    """
+    if plan.offload == "none":
+        return [weights.total] * len(trace.calls)
+    if plan.offload == "sequential":
+        return [2 * weights.largest_leaf(call.component) for call in trace.calls]
+    chain = [name for name in trace.offload_sequence if name in weights.bytes]
+    previous = {name: chain[i - 1] for i, name in enumerate(chain) if i}
+    on = {name for name in trace.exclude_from_offload if name in weights.bytes}
+    out = []
+    for call in trace.calls:
+        if call.component in previous:
+            on.discard(previous[call.component])
+        on.add(call.component)
+        out.append(sum(weights.bytes.get(name, 0) for name in on))
+    return out
+
+
+def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
+    """Model offload moves each component on and off once per call; sequential offload streams every
+    layer of the denoiser each step, waiting for each copy (from pageable memory)."""
+    from . import moved_per_step
+
+    if plan.offload == "none":
+        return 0.0
+    if plan.offload == "model":
+        return 2 * weights.total / (rates.efficiency["model"] * rates.pageable_bytes_per_s)
+    per_step, others = moved_per_step(trace, weights)
+    return (steps * per_step + others) / (rates.efficiency["sequential"] * rates.pageable_bytes_per_s)

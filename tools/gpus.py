@@ -1,0 +1,89 @@
+"""Per-GPU constants: the only fitted terms of the predictions, and none of them a model family's.
+
+For a GPU measured here (bench/fit_gpu.py over bench/results/strategies-*.jsonl, written to
+tools/gpus.json) the CUDA context, the allocator's slack and the matmul and attention rates reached
+by diffusers pipelines come from those runs. For any other card the rates are its vendor's dense
+bf16 figure times the efficiency measured on the calibration GPU, and its context is the measured
+one: those profiles say ``source: "vendor"``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .errors import PipefitError
+
+PROFILES = Path(__file__).with_name("gpus.json")
+
+
+class GpuProfile(BaseModel):
+    """What a GPU adds to the weights and the working memory, and how fast it computes."""
+
+    name: str
+    memory_bytes: int | None = None
+    context_bytes: float = Field(description="CUDA context and library handles: the driver's figure minus PyTorch's reserved")
+    fragmentation: dict[str, float] = Field(
+        description="reserved above allocated at the peak, per byte of the peak call's working memory, by allocator "
+        "(expandable_segments, default): freed activation blocks the allocator keeps mapped"
+    )
+    cached_per_offloaded_byte: float = Field(
+        0.0, description="default allocator under group offloading: freed group buffers it keeps, per byte offloaded"
+    )
+    matmul_flops_per_s: float
+    attention_flops_per_s: float
+    call_overhead_seconds: float = Field(description="per component call: kernel launches and Python")
+    source: Literal["measured", "vendor"]
+    measured_on: str | None = Field(None, description="the GPU whose runs the efficiency comes from")
+
+
+# Dense bf16 tensor throughput (TFLOP/s) and memory (GiB), vendor figures.
+VENDOR = {
+    "H200": (989, 141), "H100": (989, 80), "GH200": (989, 96), "B200": (2250, 180), "A100": (312, 80),
+    "L40S": (362, 48), "L40": (181, 48), "A10G": (70, 24), "A10": (125, 24), "L4": (121, 24), "T4": (65, 16),
+    "RTX 5090": (210, 32), "RTX 4090": (165, 24), "RTX 4080": (97, 16), "RTX 4070": (58, 12), "RTX 4060": (30, 8),
+    "RTX 3090": (71, 24), "RTX 3080": (59, 10), "RTX 3060": (25, 12), "A6000": (155, 48), "V100": (125, 32),
+}  # fmt: skip
+
+
+@cache
+def _measured() -> dict[str, GpuProfile]:
+    data = json.loads(PROFILES.read_text())
+    return {name: GpuProfile.model_validate(p) for name, p in data["profiles"].items()}
+
+
+def _vendor_key(name: str) -> str | None:
+    return next((key for key in sorted(VENDOR, key=len, reverse=True) if key.lower() in name.lower()), None)
+
+
+def gpu_profile(name: str | None) -> GpuProfile:
+    """The profile of the GPU called ``name`` (nvidia-smi's name or a short one: "RTX 4090", "H100"):
+    measured where pipefit ran there, else scaled from the calibration GPU by vendor figures.
+    ``None``: the calibration GPU itself."""
+    measured = _measured()
+    reference = next(iter(measured.values()))
+    if name is None:
+        return reference
+    key = _vendor_key(name)
+    for profile in measured.values():
+        if key and _vendor_key(profile.name) == key:
+            return profile
+    if key is None:
+        raise PipefitError(
+            f"No figures for a GPU called {name!r}.", f"Use one of: {', '.join(VENDOR)} (or run on the card itself)."
+        )
+    ratio = VENDOR[key][0] / VENDOR[_vendor_key(reference.name)][0]
+    return reference.model_copy(update={
+        "name": name, "memory_bytes": VENDOR[key][1] * 2**30, "source": "vendor", "measured_on": reference.name,
+        "matmul_flops_per_s": reference.matmul_flops_per_s * ratio,
+        "attention_flops_per_s": reference.attention_flops_per_s * ratio,
+    })  # fmt: skip
+
+
+def known_gpus() -> list[str]:
+    """Short names ``gpu_profile`` knows."""
+    return list(VENDOR)
