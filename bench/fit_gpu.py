@@ -3,10 +3,12 @@
     python bench/fit_gpu.py [--runs bench/results/strategies-h200.jsonl] [--write]
 
 The constants are the hardware's, never a family's (shared/design.md): the CUDA context (the
-driver's peak minus PyTorch's reserved), the allocator's fragmentation (reserved minus allocated at the
-peak, per byte of the peak call's working memory, for each allocator), and the
-matmul and attention rates (least squares on the plain plans' step times against the FLOPs the dry
-run counted). Everything else in each prediction comes from the pipeline's dry run and measured
+driver's peak minus PyTorch's reserved), cuDNN's workspace beside a convolution (the allocated peak
+above what the dry run saw live at the peak call's convolutions, per byte of their input + output,
+2-D and 3-D), the allocator's fragmentation (reserved minus allocated per byte of the working memory
+really allocated, for each allocator), and the
+matmul, convolution and attention rates (non-negative least squares on the plain plans' seconds per
+call against the FLOPs the dry run counted, relative errors). Everything else in each prediction comes from the pipeline's dry run and measured
 sizes. ``--write`` stores the profile in tools/gpus.json. The table: every run, predicted and
 measured peak VRAM and seconds per step, and the errors the targets are about.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.estimate import Workload, denoiser_of, estimate, trace_for  # noqa: E402
+from tools.estimate import Workload, call_seconds, denoiser_of, estimate, trace_for  # noqa: E402
 from tools.gpus import PROFILES, gpu_profile  # noqa: E402
 from tools.measure import measure_components  # noqa: E402
 from tools.plan import parse_plan  # noqa: E402
@@ -52,36 +54,60 @@ def plan_of(row: dict):
 def fit(runs: list[dict]) -> dict:
     """The GPU's constants from its runs."""
     import numpy as np
+    from scipy import optimize
 
     context = max(r["peak_vram_bytes"] - r["peak_torch_reserved_bytes"] for r in runs)
+    bare = gpu_profile(None).model_copy(update={"conv_workspace_per_byte": {}, "fragmentation": {}})
+    workspace: dict[str, float] = {}
     fragmentation: dict[str, float] = {}
     for r in runs:
+        if r["plan"].get("offload", "").startswith("group"):
+            continue  # groups keep buffers of their own
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
-        e = estimate(plan_of(r), m, workload_of(r))
-        peak = next(s for s in e.stages if s.stage == e.peak_stage and s.resident_bytes + s.working_bytes ==
-                    max(x.resident_bytes + x.working_bytes for x in e.stages))  # fmt: skip
-        kept = (r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"]) / max(peak.working_bytes, 1)
-        # a ratio to a few MiB of working memory says nothing; groups keep buffers of their own
-        if peak.working_bytes >= GiB and not r["plan"].get("offload", "").startswith("group"):
+        e = estimate(plan_of(r), m, workload_of(r), gpu=bare)
+        index = max(range(len(e.stages)), key=lambda i: e.stages[i].resident_bytes + e.stages[i].working_bytes)
+        call = trace_for(m, workload_of(r)).calls[index]
+        working = r["peak_torch_allocated_bytes"] - e.stages[index].resident_bytes  # what the GPU really needed
+        # cuDNN's workspace: where the dry run's peak falls short of the real one, the least workspace per
+        # byte of one of the peak call's large convolutions that explains the difference
+        if working > e.stages[index].working_bytes:
+            needs = [((working - live) / size, kind) for kind, points in call.convs.items()
+                     for live, size in points if size >= GiB // 8]  # fmt: skip
+            if needs:
+                need, kind = min(needs)
+                workspace[kind] = max(workspace.get(kind, 0.0), need)
+        # the allocator's fragmentation, per byte of the working memory really allocated (a few MiB say nothing)
+        if working >= GiB:
+            kept = (r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"]) / working
             fragmentation[e.allocator] = max(fragmentation.get(e.allocator, 0.0), kept)
-    # rates: plain plans (everything on the GPU), the mean of the steady steps against the dry run's FLOPs
-    a, b = [], []
+    # rates, from the plain plans (everything on the GPU, nothing moved), in two steps: the denoiser's
+    # steady step times against its matmul and attention FLOPs (transformers: no convolutions), then
+    # what the rest of the call took against the convolutions left (the VAE decode, UNets)
+    steps_a, steps_b, plain = [], [], []
     for r in runs:
         if r["plan"] or len(r["step_seconds"]) < 2:
             continue
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
-        trace = trace_for(m, workload_of(r))
-        calls = [c for c in trace.calls if c.step is not None]
-        per_step = len(calls) / trace.steps_run
-        mm = sum(c.flops for c in calls) / trace.steps_run
-        attn = sum(c.attention_flops for c in calls) / trace.steps_run
-        a.append([mm, attn, per_step])
-        b.append(sum(r["step_seconds"][1:]) / len(r["step_seconds"][1:]))
-    coef, *_ = np.linalg.lstsq(np.array(a), np.array(b), rcond=None)
+        calls = trace_for(m, workload_of(r)).calls
+        plain.append((r, calls))
+        looped = [c for c in calls if c.step is not None]
+        if sum(c.conv_flops for c in looped) < 0.05 * sum(c.flops for c in looped):
+            n = len(r["step_seconds"])
+            steps_a.append([sum(c.flops for c in looped) / n, sum(c.attention_flops for c in looped) / n, len(looped) / n])
+            steps_b.append(sum(r["step_seconds"][1:]) / (n - 1))
+    a, b = np.array(steps_a), np.array(steps_b)
+    coef, _ = optimize.nnls(a / b[:, None], np.ones(len(b)))  # relative errors weigh alike
     mm_s, attn_s, overhead = (max(float(c), 1e-18) for c in coef)
+    rest_conv = rest_seconds = 0.0
+    for r, calls in plain:
+        matmul_and_attention = sum((c.flops - c.conv_flops) * mm_s + c.attention_flops * attn_s + overhead for c in calls)
+        rest_conv += sum(c.conv_flops for c in calls)
+        rest_seconds += max(r["seconds"] - matmul_and_attention, 0.0)
+    conv_s = rest_seconds / rest_conv if rest_conv else mm_s
     return {
-        "context_bytes": float(context), "fragmentation": fragmentation,
-        "matmul_flops_per_s": 1 / mm_s, "attention_flops_per_s": 1 / attn_s, "call_overhead_seconds": min(overhead, 0.05),
+        "context_bytes": float(context), "conv_workspace_per_byte": workspace, "fragmentation": fragmentation,
+        "matmul_flops_per_s": 1 / mm_s, "conv_flops_per_s": 1 / conv_s, "attention_flops_per_s": 1 / attn_s,
+        "call_overhead_seconds": min(overhead, 0.05),
     }  # fmt: skip
 
 
@@ -106,9 +132,9 @@ def main() -> None:
     if held_out:
         print(f"held out (not fitted on): {sorted({r['build'] for r in held_out})}")
     runs = runs + held_out
-    errors, step_errors = [], []
+    errors, step_errors, call_errors = [], [], []
     print(f"{'pipeline':18s} {'plan':28s} {'alloc':5s} {'workload':12s} {'pred GiB':>8s} {'meas GiB':>8s} {'err':>6s}"
-          f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s}")  # fmt: skip
+          f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s} {'pred s/call':>11s} {'meas':>6s}")  # fmt: skip
     for r in runs:
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
         w = workload_of(r)
@@ -120,15 +146,15 @@ def main() -> None:
         denoiser = denoiser_of(m)
         trace = trace_for(m, w)
         predicted_step = sum(
-            c.flops / profile.matmul_flops_per_s + c.attention_flops / profile.attention_flops_per_s + profile.call_overhead_seconds
-            for c in trace.calls if c.step is not None and c.component == denoiser
+            call_seconds(c, profile) for c in trace.calls if c.step is not None and c.component == denoiser
         ) / trace.steps_run  # fmt: skip
         if not r["plan"].get("offload") and not r["plan"].get("quantize") and not r["plan"].get("layerwise_casting"):
             step_errors.append((predicted_step - measured_step) / measured_step)
         label = "x".join(str(v) for k, v in r["workload"].items() if k != "steps" and v)
         print(f"{r['build']:18s} {r['plan_name']:28s} {'exp' if 'expandable' in (r.get('allocator') or '') else 'def':5s} "
               f"{label:12s} {e.vram_bytes / GiB:8.2f} {r['peak_vram_bytes'] / GiB:8.2f} {err:+6.1%} {e.peak_stage:12s} "
-              f"{predicted_step:11.3f} {measured_step:6.3f}")  # fmt: skip
+              f"{predicted_step:11.3f} {measured_step:6.3f} {e.seconds:11.2f} {r['seconds']:6.2f}")  # fmt: skip
+        call_errors.append((e.seconds - r["seconds"]) / r["seconds"])
     if args.write:  # which families and plans ran here (basis "measured"), and the margin kept free
         from tools.estimate import CALIBRATION, signature
 
@@ -142,6 +168,8 @@ def main() -> None:
         CALIBRATION.write_text(json.dumps(calibration, indent=1) + "\n")
     within = sum(abs(x) <= 0.10 for x in errors)
     print(f"\npeak VRAM: {within}/{len(errors)} within 10%; worst under {min(errors):+.1%}, worst over {max(errors):+.1%}")
+    print(f"s/call: {sum(abs(x) <= 0.20 for x in call_errors)}/{len(call_errors)} within 20%, "
+          f"mean |err| {sum(map(abs, call_errors)) / len(call_errors):.1%}")
     if step_errors:
         print(f"s/step (plain plans): mean |err| {sum(map(abs, step_errors)) / len(step_errors):.1%}, "
               f"worst {max(step_errors, key=abs):+.1%}")  # fmt: skip

@@ -42,7 +42,7 @@ from .model_source import PipelineSource, resolve_pipeline
 if TYPE_CHECKING:
     import torch
 
-_SCHEMA = 1
+_SCHEMA = 2
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)
 _STAND_IN_NUMEL = 1 << 24  # an op with a value-dependent shape runs on CPU stand-ins up to this size (text states)
 # PyTorch's fused attention kernels on CUDA take head dims up to 256; larger ones (the 512-wide single
@@ -62,12 +62,14 @@ class ComponentCall(BaseModel):
     held_bytes: int = Field(description="live tensors on the device when the call began (latents, embeddings)")
     peak_bytes: int = Field(description="live tensors at the call's peak, what it held on entry included")
     flops: float = Field(description="matmul and convolution FLOPs")
+    conv_flops: float = Field(0.0, description="the convolutions' share of ``flops``")
     attention_flops: float
+    convs: dict[str, list[tuple[int, int]]] = Field(
+        default_factory=dict,
+        description="by kind ('2d', '3d'): (live bytes while a convolution runs, its input + output bytes) for "
+        "the convolutions no other one exceeds in both: cuDNN's workspace beside them grows with the second",
+    )
     inputs: dict[str, list[int]] = Field(default_factory=dict, description="shapes of the tensor arguments")
-
-    @property
-    def working_bytes(self) -> int:
-        return self.peak_bytes
 
 
 class Trace(BaseModel):
@@ -150,10 +152,10 @@ def _cache_key(root: Path, dtype: str, workload: dict) -> str:
 
 
 def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
-    import diffusers
     import torch
 
-    pipe, warnings = _meta_pipeline(source, dtype)
+    pipe = _meta_pipeline(source, dtype)
+    warnings: list[str] = []
     kwargs = _call_kwargs(pipe, workload)
     recorder = _Recorder()
     pipe.progress_bar = recorder.loop.bar
@@ -184,7 +186,6 @@ def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
         trace.decode_tiled = _decode_again(vae, decode.inputs["latents"], dtype, slicing=False)
         if workload["batch"] > 1:  # slicing splits the batch: nothing to split at one
             trace.decode_sliced = _decode_again(vae, decode.inputs["latents"], dtype, slicing=True)
-    del diffusers
     return trace
 
 
@@ -197,7 +198,6 @@ def _meta_pipeline(source: PipelineSource, dtype: str):
 
     target = getattr(torch, dtype)
     components: dict[str, Any] = {}
-    warnings: list[str] = []
     for comp in source.components:
         if comp.class_name is None:
             components[comp.name] = None
@@ -226,8 +226,7 @@ def _meta_pipeline(source: PipelineSource, dtype: str):
     # plain options saved in model_index.json (Wan 2.2's boundary_ratio, expand_timesteps, ...)
     index = json.loads((source.root / "model_index.json").read_text())
     options = {k: v for k, v in index.items() if k in accepted and not k.startswith("_") and not isinstance(v, list)}
-    pipe = pipeline_cls(**{k: v for k, v in components.items() if k in accepted}, **options)
-    return pipe, warnings
+    return pipeline_cls(**{k: v for k, v in components.items() if k in accepted}, **options)
 
 
 def _stand_in_tokenizer(source: PipelineSource, name: str):
@@ -325,15 +324,19 @@ class _Recorder:
             if recorder.live is None or recorder.depth:  # outside the run, or nested (encode inside decode)
                 return original(*args, **kwargs)
             live, attention = recorder.live, recorder.attention
-            held, flops, attn = live.current, live.flops, attention.flops
+            held, flops, conv_flops, attn = live.current, live.flops, live.conv_flops, attention.flops
+            outer_convs, live.convs = live.convs, {}
             shapes = _shapes(args, kwargs, original)
             key = (name, method, json.dumps(shapes, sort_keys=True))
             if recorder.loop.step is not None and key in recorder.seen:
                 # the same call at the same shapes, a later step: its record again, without running it
                 first, skeleton = recorder.seen[key]
+                shift = held - first.held_bytes
                 recorder.calls.append(first.model_copy(update={
-                    "step": recorder.loop.step, "held_bytes": held, "peak_bytes": held + first.peak_bytes - first.held_bytes,
+                    "step": recorder.loop.step, "held_bytes": held, "peak_bytes": first.peak_bytes + shift,
+                    "convs": {k: [(l + shift, n) for l, n in v] for k, v in first.convs.items()},
                 }))  # fmt: skip
+                live.convs = outer_convs
                 return _rebuild(skeleton)
             live.peak = held
             recorder.depth += 1
@@ -343,8 +346,13 @@ class _Recorder:
                 recorder.depth -= 1
             call = ComponentCall(
                 component=name, method=method, step=recorder.loop.step, held_bytes=held, peak_bytes=live.peak,
-                flops=live.flops - flops, attention_flops=attention.flops - attn, inputs=shapes,
+                flops=live.flops - flops, conv_flops=live.conv_flops - conv_flops, attention_flops=attention.flops - attn,
+                convs=live.convs, inputs=shapes,
             )  # fmt: skip
+            for kind, points in call.convs.items():
+                for point in points:
+                    _frontier(outer_convs.setdefault(kind, []), point)
+            live.convs = outer_convs
             recorder.calls.append(call)
             if recorder.loop.step is not None:
                 recorder.seen[key] = (call, _skeleton(out))
@@ -411,9 +419,12 @@ def _decode_again(vae, shape: list[int], dtype: str, *, slicing: bool) -> Compon
         if one is None or two is None:
             return None
         more = shape[2] - 3
+        grown = more * max(0, two.peak_bytes - one.peak_bytes)
         return two.model_copy(update={
-            "peak_bytes": two.peak_bytes + more * max(0, two.peak_bytes - one.peak_bytes),
+            "peak_bytes": two.peak_bytes + grown,
+            "convs": {kind: [(live + grown, size) for live, size in points] for kind, points in two.convs.items()},
             "flops": two.flops + more * (two.flops - one.flops),
+            "conv_flops": two.conv_flops + more * (two.conv_flops - one.conv_flops),
             "attention_flops": two.attention_flops + more * (two.attention_flops - one.attention_flops),
             "inputs": {"latents": shape},
         })  # fmt: skip
@@ -493,6 +504,8 @@ class _LiveBytes:
         self.current = 0
         self.peak = 0
         self.flops = 0.0
+        self.conv_flops = 0.0
+        self.convs: dict[str, list[tuple[int, int]]] = {}  # (live, input + output bytes) by kind: a frontier
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, int] = {}
         self._shadows: weakref.WeakKeyDictionary | None = None
@@ -539,14 +552,20 @@ class _LiveBytes:
             if out is None:
                 raise
         packet = func._overloadpacket
+        conv = packet is torch.ops.aten.convolution and isinstance(out, torch.Tensor)
         if packet in flop_registry:
-            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+            counted = flop_registry[packet](*args, **kwargs, out_val=out)
+            self.flops += counted
+            self.conv_flops += counted if conv else 0
         flat_in, _ = tree_flatten((args, kwargs))
         inputs = {t.untyped_storage()._cdata for t in flat_in if isinstance(t, torch.Tensor) and t.is_meta}
         flat_out, _ = tree_flatten(out)
         for t in flat_out:
             if isinstance(t, torch.Tensor) and t.is_meta:
                 self._track(t, inputs)
+        if conv:  # its output counted: what is live while it runs
+            size = args[0].numel() * args[0].element_size() + out.numel() * out.element_size()
+            _frontier(self.convs.setdefault(f"{args[1].dim() - 2}d", []), (self.current, size))
         self._shadow(func, args, kwargs, flat_in, flat_out, out, tree_map)
         return out
 
@@ -629,9 +648,19 @@ class _LiveBytes:
                 self._shadows[meta] = shadow
 
 
+def _frontier(points: list, point: tuple[int, int], keep: int = 16) -> None:
+    """Add ``point`` (live, size) to ``points`` unless one is at least as large in both; drop those it exceeds."""
+    live, size = point
+    if any(other_live >= live and other_size >= size for other_live, other_size in points):
+        return
+    points[:] = [(l, n) for l, n in points if not (live >= l and size >= n)] + [(live, size)]
+    if len(points) > keep:  # the largest matter
+        points.sort(key=lambda p: -(p[0] + p[1]))
+        del points[keep:]
+
+
 def _is_factory(func) -> bool:
+    """Ops that make a tensor from no tensor (or copy one from the host): their small outputs get twins."""
     name = func._overloadpacket.__name__
     return name in {"empty", "zeros", "ones", "full", "arange", "linspace", "randn", "rand", "scalar_tensor",
-                    "empty_strided", "_to_copy", "lift_fresh", "zeros_like", "ones_like", "full_like"} or (
-        name == "_to_copy"
-    )  # fmt: skip
+                    "empty_strided", "_to_copy", "lift_fresh", "zeros_like", "ones_like", "full_like"}  # fmt: skip

@@ -130,7 +130,7 @@ def estimate(
     # ---- VRAM: each call's resident weights and working memory
     on_device = resident(plan, trace, weights)
     stages = [
-        StagePeak(stage=call.component, call=_label(call), resident_bytes=on, working_bytes=_working(plan, call, trace, weights))
+        StagePeak(stage=call.component, call=_label(call), resident_bytes=on, working_bytes=int(_working(plan, call, trace, weights, profile)))
         for call, on in zip(trace.calls, on_device)
     ]  # fmt: skip
     if not stages:  # nothing traced: the weights alone, as a floor
@@ -138,7 +138,7 @@ def estimate(
     peak = max(stages, key=lambda s: s.resident_bytes + s.working_bytes)
     allocated = peak.resident_bytes + peak.working_bytes
     # freed activation blocks the allocator keeps mapped; the caching allocator also keeps group buffers
-    extra = profile.fragmentation.get(plan.allocator, max(profile.fragmentation.values())) * peak.working_bytes
+    extra = profile.fragmentation.get(plan.allocator, max(profile.fragmentation.values(), default=0.0)) * peak.working_bytes
     if plan.allocator == "default" and plan.offload in ("group_block", "group_leaf"):
         extra += profile.cached_per_offloaded_byte * weights.total
     vram = int(profile.context_bytes + allocated + extra)
@@ -150,8 +150,7 @@ def estimate(
     seconds = 0.0
     step = 0.0
     for call in trace.calls:
-        t = call.flops / profile.matmul_flops_per_s + call.attention_flops / profile.attention_flops_per_s
-        t += profile.call_overhead_seconds
+        t = call_seconds(call, profile)
         if call.step is not None:
             t *= _step_factor(plan, call.component, k)
             step += t / steps_seen
@@ -169,21 +168,34 @@ def estimate(
     )  # fmt: skip
 
 
+def call_seconds(call: "ComponentCall", profile: GpuProfile) -> float:
+    """One component call's compute time: its matmul, convolution and attention FLOPs at the GPU's rates."""
+    conv_rate = profile.conv_flops_per_s or profile.matmul_flops_per_s
+    matmul = call.flops - call.conv_flops
+    return (matmul / profile.matmul_flops_per_s + call.conv_flops / conv_rate
+            + call.attention_flops / profile.attention_flops_per_s + profile.call_overhead_seconds)  # fmt: skip
+
+
 def _label(call: "ComponentCall") -> str:
     if call.method != "forward":
         return f"{call.component} {call.method}"
     return call.component if call.step is None else f"{call.component} step {call.step}"
 
 
-def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights) -> int:
+def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights, profile: GpuProfile) -> int:
     """The call's working memory under the plan: the VAE's tiled or sliced decode where the plan turns
-    them on, plus one layer dequantized or upcast at a time for quantized or fp8-cast components."""
-    working = call.peak_bytes
+    them on, cuDNN's workspace beside a convolution, plus one layer dequantized or upcast at a time for
+    quantized or fp8-cast components."""
     if call.method == "decode":
         chosen = trace.decode_sliced if plan.vae.slicing and trace.decode_sliced else None
         chosen = chosen or (trace.decode_tiled if plan.vae.tiling else None)
-        if chosen is not None:
-            working = min(working, chosen.peak_bytes) if plan.vae.tiling else chosen.peak_bytes
+        if chosen is not None and chosen.peak_bytes < call.peak_bytes:
+            call = chosen
+    # cuDNN's workspace beside a convolution, on top of what is live while it runs
+    working = max([call.peak_bytes] + [
+        live + profile.conv_workspace_per_byte.get(kind, 0.0) * size
+        for kind, points in call.convs.items() for live, size in points
+    ])  # fmt: skip
     converted = set(plan.quantize.components if plan.quantize else []) | set(
         plan.layerwise_casting.components if plan.layerwise_casting else []
     )

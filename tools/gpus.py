@@ -34,8 +34,13 @@ class GpuProfile(BaseModel):
     cached_per_offloaded_byte: float = Field(
         0.0, description="default allocator under group offloading: freed group buffers it keeps, per byte offloaded"
     )
+    conv_workspace_per_byte: dict[str, float] = Field(
+        default_factory=dict,
+        description="cuDNN's workspace beside a convolution, per byte of its input + output, by kind ('2d', '3d')",
+    )
     matmul_flops_per_s: float
     attention_flops_per_s: float
+    conv_flops_per_s: float | None = Field(None, description="convolutions (cuDNN); None: at the matmul rate")
     call_overhead_seconds: float = Field(description="per component call: kernel launches and Python")
     source: Literal["measured", "vendor"]
     measured_on: str | None = Field(None, description="the GPU whose runs the efficiency comes from")
@@ -81,6 +86,7 @@ def gpu_profile(name: str | None) -> GpuProfile:
         "name": name, "memory_bytes": VENDOR[key][1] * 2**30, "source": "vendor", "measured_on": reference.name,
         "matmul_flops_per_s": reference.matmul_flops_per_s * ratio,
         "attention_flops_per_s": reference.attention_flops_per_s * ratio,
+        "conv_flops_per_s": reference.conv_flops_per_s * ratio if reference.conv_flops_per_s else None,
     })  # fmt: skip
 
 

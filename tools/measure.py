@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("bfloat16", "float16", "float32")
-_CACHE_SCHEMA = 1  # bump when the measurement's meaning changes
+_CACHE_SCHEMA = 2  # bump when the measurement's meaning changes
 # The code whose rules the figures come from: editing it (a fixed skip rule, say) invalidates the cache.
 _RULE_SOURCES = ("measure.py", "sizes.py", "strategies")
 _MODEL_LIBRARIES = ("diffusers", "transformers")
@@ -70,9 +70,16 @@ class ComponentMeasurement(BaseModel):
     layerwise_fp8_bytes: int | None = Field(None, description="After fp8 layerwise casting; null where unsupported")
     quantized_bytes: dict[str, int] | None = Field(None, description="After each backend, quantization state included")
     largest_leaf_bytes: int | None = None
+    leaf_offload_root_bytes: int | None = Field(
+        None, description="kept on the device by leaf-level offloading for the whole forward: norms, position tables"
+    )
     blocks: list[BlockList] = Field(default_factory=list)
     repeated_blocks: list[RepeatedBlock] = Field(default_factory=list)
     block_offload_groups_bytes: list[int] = Field(default_factory=list)
+    block_offload_peak_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description="the most bytes block-level group offloading holds at once, by blocks per group and 'stream'",
+    )
     checkpoint: Checkpoint | None = None
     config: dict[str, Any] = Field(
         default_factory=dict, description="The architecture's numbers recommend's models use (hidden sizes, channels)"
@@ -312,9 +319,11 @@ def _measure_module(model: "torch.nn.Module", class_name: str, library: str, dty
         bytes=module_bytes(model),
         quantized_bytes={name: quantize.quantized_bytes(model, library, name) for name in quantize.BACKENDS},
         largest_leaf_bytes=group_offload.largest_leaf_bytes(model),
+        leaf_offload_root_bytes=group_offload.leaf_level_root_bytes(model),
         blocks=blocks,
         repeated_blocks=repeated,
         block_offload_groups_bytes=group_offload.block_level_groups(model),
+        block_offload_peak_bytes=group_offload.block_level_peaks(model),
         config=_architecture_numbers(model),
     )
     if library in layerwise_casting.SUPPORTED_LIBRARIES:

@@ -100,6 +100,9 @@ class TreeSampler:
     def set_phase(self, name: str) -> None:
         """Peaks from now on count for ``name`` (e.g. loading, then running)."""
         self.phase = name
+        # the RSS last seen holds at the switch: a phase shorter than the sampling interval still has a figure
+        if self.rss_bytes:
+            self.peak_rss_by_phase[name] = max(self.peak_rss_by_phase.get(name, 0), self.rss_bytes)
 
     def stop(self) -> None:
         self._stop.set()

@@ -72,10 +72,15 @@ class Weights:
             return 0
         return int((self.measured.components[name].largest_leaf_bytes or 0) * self._scale(name))
 
-    def groups(self, name: str) -> list[int]:
-        """Block-level offload groups of ``name`` (root group last), as stored under the plan."""
-        measured = self.measured.components[name].block_offload_groups_bytes or [self.measured.components[name].bytes]
-        return [int(g * self._scale(name)) for g in measured]
+    def block_peak(self, name: str, key: str) -> int:
+        """The most bytes of ``name`` block-level offloading holds at once (``key``: blocks per group, or
+        "stream"), as stored under the plan; the whole component where it was not measured."""
+        peaks = self.measured.components[name].block_offload_peak_bytes
+        measured = peaks.get(key) if peaks else None
+        if measured is None and peaks:  # a group size between the measured ones: the next larger
+            larger = [int(k) for k in peaks if k.isdigit() and int(k) >= int(key or 1)]
+            measured = peaks[str(min(larger))] if larger else None
+        return int((measured if measured is not None else self.measured.components[name].bytes) * self._scale(name))
 
 
 def device_bytes(plan: "Plan", name: str, comp) -> int:

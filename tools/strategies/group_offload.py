@@ -54,6 +54,50 @@ def block_level_groups(module: "torch.nn.Module", num_blocks_per_group: int = 1)
     return groups_of(module)
 
 
+BLOCKS_PER_GROUP = (1, 2, 4, 8, 16)  # the group sizes recommend tries
+
+
+def block_level_peaks(module: "torch.nn.Module") -> dict[str, int]:
+    """The most bytes block-level offloading keeps on the device at once while ``module`` runs, for
+    each ``num_blocks_per_group`` in BLOCKS_PER_GROUP and for streams (key "stream": one block per
+    group and the next one prefetched).
+
+    diffusers 0.42 nests: a child named in ``_group_offload_block_modules`` (a VAE's encoder and
+    decoder) is grouped the same way inside, and every level's leftover parameters form a root group
+    that stays on the device for that level's whole forward. So the peak is, down the nesting, the
+    sum of the roots plus the largest window of groups at the innermost level that runs.
+    """
+    import torch
+
+    def peak(mod: "torch.nn.Module", per: int, stream: bool) -> int:
+        block_modules = set(getattr(mod, "_group_offload_block_modules", None) or [])
+        grouped, inner = 0, 0
+        for name, child in mod.named_children():
+            if name in block_modules:
+                grouped += module_bytes(child)
+                inner = max(inner, peak(child, per, stream))
+            elif isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) and len(child):
+                blocks = [module_bytes(b) for b in child]
+                grouped += sum(blocks)
+                chunks = [sum(blocks[i : i + per]) for i in range(0, len(blocks), per)]
+                window = max(sum(chunks[i : i + 2]) for i in range(len(chunks))) if stream else max(chunks)
+                inner = max(inner, window)
+        return module_bytes(mod) - grouped + inner
+
+    peaks = {str(n): peak(module, n, False) for n in BLOCKS_PER_GROUP}
+    peaks["stream"] = peak(module, 1, True)
+    return peaks
+
+
+def leaf_level_root_bytes(module: "torch.nn.Module") -> int:
+    """What leaf-level offloading keeps on the device for the module's whole forward: the parameters and
+    buffers outside its Conv/Linear/Embedding layers (norms, position tables)."""
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+
+    leaves = sum(module_bytes(m) for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS))
+    return max(module_bytes(module) - leaves, 0)
+
+
 def largest_leaf_bytes(module: "torch.nn.Module") -> int:
     """Largest single layer leaf-level offloading moves (Conv*/Linear/Embedding, own weights only)."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
@@ -140,8 +184,9 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
 
     Block level moves ``num_blocks_per_group`` blocks (one with streams) plus the component's root
     group; with streams the next group is copied in while one runs, so two neighbouring groups are
-    there. Leaf level moves one layer (two with streams). A CLIP or T5 encoder has no top-level block
-    list, so block level moves it whole (see :func:`block_level_groups`).
+    there; nested block modules keep their levels' roots (see :func:`block_level_peaks`). Leaf level
+    moves one layer (two with streams). A CLIP or T5 encoder has no top-level block list, so block
+    level moves it whole.
     """
     group = plan.group_settings
     kept = sum(weights.bytes.get(name, 0) for name in group.exclude)
@@ -152,19 +197,12 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
         if name in group.exclude or name not in weights.bytes:
             out.append(kept)
         elif plan.offload == "group_leaf":
-            out.append(kept + ahead * weights.largest_leaf(name))
+            root = weights.measured.components[name].leaf_offload_root_bytes or 0
+            out.append(kept + ahead * weights.largest_leaf(name) + root)
         else:
-            out.append(kept + _block_window(weights.groups(name), 1 if group.use_stream else group.num_blocks_per_group,
-                                            group.use_stream))  # fmt: skip
+            key = "stream" if group.use_stream else str(group.num_blocks_per_group)
+            out.append(kept + weights.block_peak(name, key))
     return out
-
-
-def _block_window(groups: list[int], per: int, stream: bool) -> int:
-    """The most bytes block-level groups of ``per`` blocks hold at once (two neighbours with streams), root included."""
-    blocks, root = (groups[:-1], groups[-1]) if len(groups) > 1 else (groups, 0)
-    chunks = [sum(blocks[i : i + per]) for i in range(0, len(blocks), per)] or [0]
-    window = max(sum(chunks[i : i + 2]) for i in range(len(chunks))) if stream else max(chunks)
-    return window + root
 
 
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
