@@ -1,21 +1,23 @@
 """Predicted peak VRAM, host RAM and seconds per call of one plan, from the pipeline's own code.
 
 Peak VRAM is the driver's (shared/design.md): the CUDA context, plus the largest over the pipeline's
-component calls of (weights on the device during that call + the call's working memory), plus the
-allocator's slack. Each term is derived, none is fitted per family:
+component calls of (weights on the device during that call + the call's working memory), plus what
+the allocator keeps beyond it. Each term is derived, none is fitted per family:
 
 - the calls, their order, shapes and working memory: the dry run of the pipeline's own ``__call__``
   on the meta device (tools/dryrun.py): each encoder pass, each denoiser forward (with the
-  pipeline's own guidance), the VAE decode on its plain, tiled and sliced paths;
+  pipeline's own guidance), the VAE decode on its plain, tiled and sliced paths, and what is live at
+  each large convolution (cuDNN's workspace sits beside it);
 - the weights on the device during each call: the placement's own module (tools/strategies:
   offload for none/model/sequential, group_offload for groups) over the measured sizes;
-- context, slack and compute rates: the GPU's (tools/gpus.py), measured where pipefit ran there.
+- the context, the convolution workspace, the allocator's fragmentation and the compute rates: the
+  GPU's (tools/gpus.py), measured where pipefit ran there.
 
-With expandable segments (plans' default allocator) reserved stays close to allocated; with the
-default caching allocator the blocks it keeps are added as a measured fraction of the largest working
-memory (and, under group offloading, of the bytes offloaded). Seconds come from the FLOPs the dry run
-counted over the GPU's rates, plus the transfers the placement makes at the host's measured
-bandwidth. Host RAM terms are the host's (tools/calibration.json, fitted on the H100 host).
+The fragmentation is a fraction of the peak call's working memory, smaller with expandable
+segments (the plans' default) than with the default caching allocator, which under group
+offloading also keeps freed group buffers. Seconds come from the FLOPs the dry run counted at the
+GPU's rates, plus the transfers the placement makes at the host's measured bandwidth. Host RAM
+terms are the host's (tools/calibration.json, fitted on the H100 host).
 """
 
 from __future__ import annotations
