@@ -32,15 +32,12 @@ import json
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from .errors import PipefitError
 from .model_source import PipelineSource, resolve_pipeline
-
-if TYPE_CHECKING:
-    import torch
 
 _SCHEMA = 2
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)

@@ -141,7 +141,7 @@ def estimate(
     allocated = peak.resident_bytes + peak.working_bytes
     # freed activation blocks the allocator keeps mapped; the caching allocator also keeps group buffers
     extra = profile.fragmentation.get(plan.allocator, max(profile.fragmentation.values(), default=0.0)) * peak.working_bytes
-    if plan.allocator == "default" and plan.offload in ("group_block", "group_leaf"):
+    if plan.allocator == "default" and plan.grouped:
         extra += profile.cached_per_offloaded_byte * weights.total
     vram = int(profile.context_bytes + allocated + extra)
 
@@ -235,11 +235,10 @@ def _ram(plan: Plan, models: dict, weights: dict[str, int], k: Coefficients) -> 
         converted |= set(plan.quantize.components)
     ram_run += k.ram_run_host_per_byte * sum(full.get(n, 0) for n in converted)
     if offloading:
-        grouped = plan.offload in ("group_block", "group_leaf")
-        kept = set(plan.group_settings.exclude) if grouped else set()
+        kept = set(plan.group_settings.exclude) if plan.grouped else set()
         off = sum(b for n, b in weights.items() if n not in kept)
         g = plan.group_settings
-        pinned = grouped and g.use_stream and not g.low_cpu_mem_usage
+        pinned = plan.grouped and g.use_stream and not g.low_cpu_mem_usage
         per_byte = k.ram_run_offloaded_per_byte
         fitted = per_byte.get(ram_mechanism(plan), max(per_byte.values()))
         ram_run += off * (k.ram_run_pinned_per_byte if pinned else fitted)
@@ -250,7 +249,7 @@ def _ram(plan: Plan, models: dict, weights: dict[str, int], k: Coefficients) -> 
 
 def ram_mechanism(plan: Plan) -> str:
     """Which fitted host-RAM term a plan's offloaded weights follow: model, sequential or group."""
-    return "group" if plan.offload.startswith("group") else plan.offload
+    return "group" if plan.grouped else plan.offload
 
 
 def signature(plan: Plan) -> str:
@@ -258,7 +257,7 @@ def signature(plan: Plan) -> str:
     parts = [plan.offload]
     if plan.allocator != "expandable_segments":
         parts.append(f"alloc_{plan.allocator}")
-    if plan.offload.startswith("group"):
+    if plan.grouped:
         g = plan.group_settings
         parts += [name for name, on in (("stream", g.use_stream), ("low_cpu_mem", g.low_cpu_mem_usage)) if on]
     if plan.quantize:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from .errors import PipefitError
 from .plan import Plan, Target, check_plan, parse_plan
 from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
-from .strategies import Code, Site, allocator, attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
+from .strategies import Code, Site, allocator, attention, layerwise_casting, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
 LINE_LIMIT = 100  # longer generated calls get one argument per line
@@ -188,7 +188,7 @@ def _device(info: ScriptInfo, creation: Creation) -> str | None:
 
 
 def _placement(plan: Plan, site: Site) -> Code:
-    return group_offload.apply(plan, site) if plan.offload in group_offload.GROUP_KINDS else offload.apply(plan, site)
+    return plan.placement_module().apply(plan, site)
 
 
 def _quant_var(info: ScriptInfo, creation: Creation) -> str:

@@ -73,6 +73,17 @@ class Plan(_Strict):
     def group_settings(self) -> GroupSpec:
         return self.group or GroupSpec()
 
+    @property
+    def grouped(self) -> bool:
+        """Whether the plan uses diffusers' group offloading (block or leaf level)."""
+        return self.offload in ("group_block", "group_leaf")
+
+    def placement_module(self):
+        """The strategy module that places this plan's weights: group_offload, or offload for the rest."""
+        from .strategies import group_offload, offload
+
+        return group_offload if self.grouped else offload
+
 
 class Target(BaseModel):
     """What is known about where a plan will run; ``None`` means unknown, and rules needing it are skipped."""

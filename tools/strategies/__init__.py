@@ -97,9 +97,7 @@ def device_bytes(plan: "Plan", name: str, comp) -> int:
 
 def resident(plan: "Plan", trace: "Trace", weights: Weights) -> list[int]:
     """Weight bytes on the device during each call of ``trace``, by the plan's placement module."""
-    from . import group_offload, offload
-
-    return (group_offload if plan.offload in group_offload.GROUP_KINDS else offload).resident(plan, trace, weights)
+    return plan.placement_module().resident(plan, trace, weights)
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,4 @@ def moved_per_step(trace: "Trace", weights: Weights, kept: set[str] = frozenset(
 
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: Weights, rates: Rates, steps: int, step_seconds: float) -> float:
     """Seconds per call the plan's offloading spends moving weights beyond the compute, by its placement module."""
-    from . import group_offload, offload
-
-    module = group_offload if plan.offload in group_offload.GROUP_KINDS else offload
-    return module.transfer_seconds(plan, trace, weights, rates, steps, step_seconds)
+    return plan.placement_module().transfer_seconds(plan, trace, weights, rates, steps, step_seconds)

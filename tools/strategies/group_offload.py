@@ -106,15 +106,11 @@ def largest_leaf_bytes(module: "torch.nn.Module") -> int:
     return max(sizes, default=0)
 
 
-def _grouped(plan: "Plan") -> bool:
-    return plan.offload in GROUP_KINDS
-
-
 RULES = (
     Rule(
         "group_offload.streams_need_cuda",
         lambda plan, target: target.device_type
-        if _grouped(plan) and plan.group_settings.use_stream and target.device_type not in (None, "cuda", "xpu")
+        if plan.grouped and plan.group_settings.use_stream and target.device_type not in (None, "cuda", "xpu")
         else None,
         "Group offloading with use_stream needs CUDA streams; the script runs on {0}.",
         "Set use_stream to false.",
@@ -131,7 +127,7 @@ RULES = (
     Rule(
         "group_offload.streams_keep_vae_dtype",
         lambda plan, target: "vae"
-        if _grouped(plan)
+        if plan.grouped
         and plan.group_settings.use_stream
         and "vae" not in plan.group_settings.exclude
         and target.denoiser == "unet"
@@ -148,7 +144,7 @@ RULES = (
             name for name in ("record_stream", "low_cpu_mem_usage") if getattr(plan.group_settings, name)
         )
         or None
-        if _grouped(plan) and not plan.group_settings.use_stream
+        if plan.grouped and not plan.group_settings.use_stream
         else None,
         "{0} only matters with use_stream; without streams it changes nothing.",
         "Set use_stream to true or drop {0}.",

@@ -30,7 +30,7 @@ RULES = (
     ),
     Rule(
         "offload.group_settings_need_group_offload",
-        lambda plan, target: plan.offload if plan.group is not None and not plan.offload.startswith("group") else None,
+        lambda plan, target: plan.offload if plan.group is not None and not plan.grouped else None,
         "'group' settings are given but offload is '{0}': group offloading cannot be combined with model or "
         "sequential offloading in one pipeline (diffusers raises ValueError).",
         "Set offload to group_block or group_leaf, or remove 'group'.",
