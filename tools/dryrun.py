@@ -240,8 +240,9 @@ def _stand_in_tokenizer(source: PipelineSource, name: str):
         encoder = source.root / name.replace("tokenizer", "text_encoder") / "config.json"
         numbers = json.loads(encoder.read_text()) if encoder.is_file() else {}
         numbers = numbers.get("text_config", numbers)
-        length = numbers.get("max_position_embeddings") or 512
-        length = min(length, 512) if numbers.get("model_type", "").startswith(("t5", "umt5")) else length
+        # CLIP's 77 positions are its tokenizer's length; a decoder LM's context (Qwen's 128k) is not a
+        # padding length: pipelines pass max_length themselves, and 512 bounds what they do not
+        length = min(numbers.get("max_position_embeddings") or 512, 512)
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "<s>": 3}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

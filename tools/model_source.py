@@ -20,7 +20,10 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 BUILTIN_PREFIX = "builtin:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 # What a metadata-only hub download fetches: configs and shard indexes, never weights.
-_METADATA_PATTERNS = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*.safetensors.index.json"]
+_METADATA_PATTERNS = [
+    "model_index.json", "*/config.json", "*/scheduler_config.json", "*.safetensors.index.json",
+    "*/tokenizer_config.json",  # the dry run pads text as the tokenizer does: its model_max_length
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
