@@ -38,8 +38,9 @@ from pydantic import BaseModel, Field
 
 from .errors import PipefitError
 from .model_source import PipelineSource, resolve_pipeline
+from .sizes import module_bytes
 
-_SCHEMA = 2
+_SCHEMA = 3
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)
 _STAND_IN_NUMEL = 1 << 24  # an op with a value-dependent shape runs on CPU stand-ins up to this size (text states)
 # PyTorch's fused attention kernels on CUDA take head dims up to 256; larger ones (the 512-wide single
@@ -67,6 +68,10 @@ class ComponentCall(BaseModel):
         "the convolutions no other one exceeds in both: cuDNN's workspace beside them grows with the second",
     )
     inputs: dict[str, list[int]] = Field(default_factory=dict, description="shapes of the tensor arguments")
+    weight_bytes: int | None = Field(
+        None, description="the component's weights when it ran: more than measured where the pipeline upcast it "
+        "(SDXL's float16 VAE decodes in float32)",
+    )
 
 
 class Trace(BaseModel):
@@ -344,6 +349,7 @@ class _Recorder:
                 recorder.depth -= 1
             call = ComponentCall(
                 component=name, method=method, step=recorder.loop.step, held_bytes=held, peak_bytes=live.peak,
+                weight_bytes=module_bytes(module),
                 flops=live.flops - flops, conv_flops=live.conv_flops - conv_flops, attention_flops=attention.flops - attn,
                 convs=live.convs, inputs=shapes,
             )  # fmt: skip

@@ -130,7 +130,7 @@ def estimate(
     models = {n: c for n, c in m.components.items() if c.bytes}
 
     # ---- VRAM: each call's resident weights and working memory
-    on_device = resident(plan, trace, weights)
+    on_device = [on + _upcast(plan, call, m) for call, on in zip(trace.calls, resident(plan, trace, weights))]
     stages = [
         StagePeak(stage=call.component, call=_label(call), resident_bytes=on, working_bytes=int(_working(plan, call, trace, weights, profile)))
         for call, on in zip(trace.calls, on_device)
@@ -205,6 +205,17 @@ def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights
         measured = weights.measured.components[call.component].largest_leaf_bytes or 0
         working += measured  # the largest layer at full precision, while it computes
     return working
+
+
+def _upcast(plan: Plan, call: "ComponentCall", m: PipelineMeasurement) -> int:
+    """Weight bytes the pipeline added by upcasting the running component (SDXL's float16 VAE decodes in
+    float32), where the plan leaves it at the loaded precision."""
+    converted = {*(plan.quantize.components if plan.quantize else []),
+                 *(plan.layerwise_casting.components if plan.layerwise_casting else [])}  # fmt: skip
+    measured = m.components.get(call.component)
+    if call.weight_bytes is None or measured is None or not measured.bytes or call.component in converted:
+        return 0
+    return max(0, call.weight_bytes - measured.bytes)
 
 
 def _step_factor(plan: Plan, component: str, k: Coefficients) -> float:
