@@ -23,6 +23,7 @@ from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficien
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
 from .plan import Plan, Target, check_plan, parse_plan
+from .strategies import group_offload
 from .strategies.attention import PACKAGE_OF_BACKEND
 from .units import format_bytes, parse_size
 
@@ -266,6 +267,8 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
                           f"{format_bytes(ram_need)} RAM, {e.seconds:.1f} s per call.")  # fmt: skip
     if plan.compile != "none":
         reasons.append("The first call compiles the repeated blocks (a minute or more); later calls are faster.")
+    if plan.grouped and plan.group_settings.use_stream:
+        reasons.append(group_offload.STREAM_CAVEAT)
     if plan.allocator == "default":
         reasons.append("Predicted for PyTorch's default caching allocator, which keeps freed blocks of every size "
                        "it saw; with expandable segments (Linux CUDA) the peak would be lower.")  # fmt: skip
