@@ -43,7 +43,8 @@ Basis = Literal["measured", "derived"]
 
 
 class Coefficients(BaseModel):
-    """The host's RAM and transfer terms and the kernels' speed factors (bench/fit_models.py writes them)."""
+    """The host's RAM and transfer terms and the kernels' speed factors (fitted on the H100 host by the
+    since-removed bench/fit_models.py; bench/fit_gpu.py --write keeps ``measured`` and ``margin_fraction``)."""
 
     gpu: str
     ram_load_base_bytes: float
@@ -198,10 +199,7 @@ def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights
         live + profile.conv_workspace_per_byte.get(kind, 0.0) * size
         for kind, points in call.convs.items() for live, size in points
     ])  # fmt: skip
-    converted = set(plan.quantize.components if plan.quantize else []) | set(
-        plan.layerwise_casting.components if plan.layerwise_casting else []
-    )
-    if call.component in converted:
+    if call.component in plan.converted:
         measured = weights.measured.components[call.component].largest_leaf_bytes or 0
         working += measured  # the largest layer at full precision, while it computes
     return working
@@ -210,10 +208,8 @@ def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights
 def _upcast(plan: Plan, call: "ComponentCall", m: PipelineMeasurement) -> int:
     """Weight bytes the pipeline added by upcasting the running component (SDXL's float16 VAE decodes in
     float32), where the plan leaves it at the loaded precision."""
-    converted = {*(plan.quantize.components if plan.quantize else []),
-                 *(plan.layerwise_casting.components if plan.layerwise_casting else [])}  # fmt: skip
     measured = m.components.get(call.component)
-    if call.weight_bytes is None or measured is None or not measured.bytes or call.component in converted:
+    if call.weight_bytes is None or measured is None or not measured.bytes or call.component in plan.converted:
         return 0
     return max(0, call.weight_bytes - measured.bytes)
 

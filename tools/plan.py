@@ -74,6 +74,12 @@ class Plan(_Strict):
         return self.group or GroupSpec()
 
     @property
+    def converted(self) -> set[str]:
+        """Components whose weights the plan quantizes or stores in fp8."""
+        return {*(self.quantize.components if self.quantize else []),
+                *(self.layerwise_casting.components if self.layerwise_casting else [])}  # fmt: skip
+
+    @property
     def grouped(self) -> bool:
         """Whether the plan uses diffusers' group offloading (block or leaf level)."""
         return self.offload in ("group_block", "group_leaf")

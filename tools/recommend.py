@@ -215,8 +215,10 @@ def candidates(context: _Context) -> list[Plan]:
 
     # VAE tiling where the decode is the peak; compile and an attention backend as speed variants
     tiled = [Plan.model_validate({**p.model_dump(), "vae": {"tiling": True, "slicing": w.batch > 1}}) for p in plans]
-    plans += [t for p, t in zip(list(plans), tiled) if context.estimate(p).peak_stage == "vae" and
-              context.estimate(t).vram_bytes < 0.95 * context.estimate(p).vram_bytes]  # fmt: skip
+    for p, t in zip(list(plans), tiled):
+        plain = context.estimate(p)
+        if plain.peak_stage == "vae" and context.estimate(t).vram_bytes < 0.95 * plain.vram_bytes:
+            plans.append(t)
     if comps[denoiser].repeated_blocks:
         plans += [p.model_copy(update={"compile": "regional"}) for p in plans if p.offload in ("none", "model")]
     from .hardware import installed_versions
