@@ -106,7 +106,7 @@ def rows_for(result, name: str, plan: dict, workloads: list[dict], steps: int) -
     shared = {
         "kind": "strategy_trial", "plan_name": name, "plan": plan, "outcome": result.outcome, "error": result.error,
         "stage": result.stage, "process_seconds": result.seconds, "process_peak_vram_bytes": result.peak_vram_bytes,
-        "process_peak_rss_bytes": result.peak_rss_bytes, "peak_rss_load_bytes": result.peak_rss_load_bytes,
+        "process_peak_rss_bytes": result.peak_rss_bytes, "peak_rss_load_bytes": result.peak_rss_load_bytes, "peak_vram_load_bytes": result.peak_vram_load_bytes,
         "seconds_before_first_call": result.seconds_before_first_call, "vram_source": result.vram_source,
         "vram_cap_bytes": result.vram_cap_bytes, "ram_cap_bytes": result.ram_cap_bytes, "log_path": result.log_path, "output_tail": None if result.outcome == "ok" else result.output_tail[-3000:],
     }  # fmt: skip

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.estimate import Workload, call_seconds, denoiser_of, estimate, trace_for  # noqa: E402
+from tools.estimate import Workload, call_seconds, conv_kind, denoiser_of, estimate, trace_for  # noqa: E402
 from tools.gpus import PROFILES, gpu_profile  # noqa: E402
 from tools.measure import measure_components  # noqa: E402
 from tools.plan import parse_plan  # noqa: E402
@@ -46,9 +46,17 @@ def workload_of(row: dict) -> Workload:
     return Workload(height=w["height"], width=w["width"], frames=w.get("frames"), steps=w["steps"])
 
 
+# before plans named their loading path, patch loaded these backends' quantized components in host RAM
+_HOST_LOADED_BEFORE = ("bnb_nf4", "torchao_int8wo", "torchao_fp8wo")
+
+
 def plan_of(row: dict):
+    """The plan a row ran, as it ran: its allocator, and its loading path where the row predates the field."""
     allocator = "expandable_segments" if "expandable" in (row.get("allocator") or "") else "default"
-    return parse_plan({**row["plan"], "allocator": allocator})
+    plan = {**row["plan"], "allocator": allocator}
+    if "load" not in plan and (plan.get("quantize") or {}).get("backend") in _HOST_LOADED_BEFORE:
+        plan["load"] = "host"
+    return parse_plan(plan)
 
 
 def fit(runs: list[dict]) -> dict:
@@ -66,10 +74,15 @@ def fit(runs: list[dict]) -> dict:
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
         e = estimate(plan_of(r), m, workload_of(r), gpu=bare)
         index = max(range(len(e.stages)), key=lambda i: e.stages[i].resident_bytes + e.stages[i].working_bytes)
-        call = trace_for(m, workload_of(r)).calls[index]
+        calls = trace_for(m, workload_of(r)).calls
+        if index >= len(calls):
+            continue  # the peak is the loading stage (after the calls): no call's working memory to learn from
+        call = calls[index]
         working = r["peak_torch_allocated_bytes"] - e.stages[index].resident_bytes  # what the GPU really needed
         # cuDNN's workspace: where the dry run's peak falls short of the real one, the least workspace per
         # byte of one of the peak call's large convolutions that explains the difference
+        for kind in call.convs:  # a kind seen at a peak needs no more workspace than the runs show
+            workspace.setdefault(kind, 0.0)
         if working > e.stages[index].working_bytes:
             needs = [((working - live) / size, kind) for kind, points in call.convs.items()
                      for live, size in points if size >= GiB // 8]  # fmt: skip
@@ -79,7 +92,20 @@ def fit(runs: list[dict]) -> dict:
         # the allocator's fragmentation, per byte of the working memory really allocated (a few MiB say nothing)
         if working >= GiB:
             kept = (r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"]) / working
-            fragmentation[e.allocator] = max(fragmentation.get(e.allocator, 0.0), kept)
+            for key in (e.allocator, f"{e.allocator}:{conv_kind(calls, index)}"):
+                fragmentation[key] = max(fragmentation.get(key, 0.0), kept)
+    # the default allocator under group offloading: freed group buffers it keeps, per byte offloaded, as the
+    # largest excess any such run showed over the same plan predicted without them
+    cached = 0.0
+    uncached = gpu_profile(None).model_copy(update={"context_bytes": float(context), "conv_workspace_per_byte": workspace,
+                                                    "fragmentation": fragmentation, "cached_per_offloaded_byte": 0.0})  # fmt: skip
+    for r in runs:
+        plan = plan_of(r)
+        if plan.allocator == "default" and plan.grouped:
+            m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+            e = estimate(plan, m, workload_of(r), gpu=uncached)
+            offloaded = sum(c.bytes or 0 for n, c in m.components.items() if n not in plan.group_settings.exclude)
+            cached = max(cached, (r["peak_vram_bytes"] - e.vram_bytes) / offloaded)
     # rates, from the plain plans (everything on the GPU, nothing moved), in two steps: the denoiser's
     # steady step times against its matmul and attention FLOPs (transformers: no convolutions), then
     # what the rest of the call took against the convolutions left (the VAE decode, UNets)
@@ -106,9 +132,69 @@ def fit(runs: list[dict]) -> dict:
     conv_s = rest_seconds / rest_conv if rest_conv else mm_s
     return {
         "context_bytes": float(context), "conv_workspace_per_byte": workspace, "fragmentation": fragmentation,
+        "cached_per_offloaded_byte": round(cached, 4),
         "matmul_flops_per_s": 1 / mm_s, "conv_flops_per_s": 1 / conv_s, "attention_flops_per_s": 1 / attn_s,
         "call_overhead_seconds": min(overhead, 0.05),
     }  # fmt: skip
+
+
+RAM_KEYS = ("model", "model_quantized", "sequential", "group", "group_low_cpu_mem", "pinned", "host_quantize", "host_leftover")
+
+
+def host_terms(runs: list[dict], k) -> dict:
+    """The host's RAM terms from its runs: the process's RSS before any weight (loading: the offloaded
+    plans' loading peak, which reads no weight; running: the plain plans'), then each per-byte term as
+    the median over the runs that use it of (measured - predicted without it) / (its bytes)."""
+    from statistics import median
+
+    from tools.estimate import host_ram
+    from tools.strategies import Weights
+
+    def ram(r, base, per_byte):
+        coefficients = k.model_copy(update={"ram_base_bytes": base, "ram_copy_per_byte": per_byte})
+        return host_ram(plan_of(r), Weights.of(plan_of(r), measure_components(f"builtin:{r['build']}", dtype=r["dtype"])), coefficients)
+
+    quiet = [r["peak_rss_load_bytes"] for r in runs if r["plan"].get("offload") not in (None, "none")
+             and not r["plan"].get("quantize") and not r["plan"].get("group", {}).get("use_stream")]  # fmt: skip
+    plain = [r["peak_rss_run_bytes"] for r in runs if not r["plan"]]
+    base = {"load": median(quiet), "run": median(plain)}
+    per_byte = dict.fromkeys(RAM_KEYS, 0.0)
+    for key in RAM_KEYS:
+        ratios = []
+        for r in runs:
+            one = {**per_byte, key: 1.0}
+            for phase, measured in ((0, r["peak_rss_load_bytes"]), (1, r["peak_rss_run_bytes"])):
+                without, with_one = ram(r, base, per_byte)[phase], ram(r, base, one)[phase]
+                if measured and with_one - without > 2**28:  # the term moves this prediction by a quarter GiB
+                    ratios.append((measured - without) / (with_one - without))
+        per_byte[key] = round(median(ratios), 4) if ratios else k.ram_copy_per_byte.get(key, 1.0)
+    return {"ram_base_bytes": base, "ram_copy_per_byte": per_byte}
+
+
+def transfer_terms(runs: list[dict], k) -> dict:
+    """The share of the host's pageable copy rate each offloading mechanism reaches: for each run that
+    offloads, the transfer time the placement's model predicts at full rate over the measured time
+    beyond the compute (the same plan predicted with transfers free); the median per mechanism."""
+    from statistics import median
+
+    free = dict.fromkeys(k.transfer_efficiency, 1e9)
+    full = dict.fromkeys(k.transfer_efficiency, 1.0)
+    shares: dict[str, list[float]] = {}
+    for r in runs:
+        plan = plan_of(r)
+        g = plan.group_settings
+        key = {"model": "model", "sequential": "sequential"}.get(plan.offload) or (
+            None if not plan.grouped else "stream_low_cpu_mem" if g.use_stream and g.low_cpu_mem_usage
+            else None if g.use_stream else "group")  # fmt: skip
+        if key is None:
+            continue
+        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        compute = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": free})).seconds
+        at_full = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": full})).seconds
+        beyond = r["seconds"] - compute
+        if beyond > 0.05 * r["seconds"] and at_full > compute:
+            shares.setdefault(key, []).append((at_full - compute) / beyond)
+    return {"transfer_efficiency": {**k.transfer_efficiency, **{key: round(median(v), 4) for key, v in shares.items()}}}
 
 
 def main() -> None:
@@ -128,17 +214,28 @@ def main() -> None:
         data["profiles"][profile.name] = profile.model_dump()
         data["about"] = f"python bench/fit_gpu.py --write over {', '.join(str(p.relative_to(ROOT)) for p in args.runs)}"
         PROFILES.write_text(json.dumps(data, indent=1) + "\n")
+    from tools.estimate import CALIBRATION, load_coefficients
+
+    k = load_coefficients().model_copy(update=host_terms(runs, load_coefficients()))
+    k = k.model_copy(update=transfer_terms(runs, k))
+    print("host RAM terms:", {"base GiB": {p: round(v / GiB, 3) for p, v in k.ram_base_bytes.items()}, **k.ram_copy_per_byte})
+    print("transfer efficiency:", k.transfer_efficiency)
     held_out = rows(args.held_out)
     if held_out:
         print(f"held out (not fitted on): {sorted({r['build'] for r in held_out})}")
     runs = runs + held_out
-    errors, step_errors, call_errors = [], [], []
+    errors, step_errors, call_errors, ram_errors = [], [], [], []
     print(f"{'pipeline':18s} {'plan':28s} {'alloc':5s} {'workload':12s} {'pred GiB':>8s} {'meas GiB':>8s} {'err':>6s}"
-          f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s} {'pred s/call':>11s} {'meas':>6s}")  # fmt: skip
+          f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s} {'pred s/call':>11s} {'meas':>6s}"
+          f" {'RAM load':>8s} {'meas':>6s} {'RAM run':>8s} {'meas':>6s}")  # fmt: skip
     for r in runs:
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
         w = workload_of(r)
-        e = estimate(plan_of(r), m, w, gpu=profile)
+        e = estimate(plan_of(r), m, w, gpu=profile, coefficients=k)
+        if e.peak_stage == "load":  # loading comes before the calls: the process's peak is its peak
+            r = {**r, "peak_vram_bytes": r["process_peak_vram_bytes"]}
+        ram_pairs = [(e.ram_load_bytes, r["peak_rss_load_bytes"]), (e.ram_run_bytes, r["peak_rss_run_bytes"])]
+        ram_errors += [(p - q) / q for p, q in ram_pairs if q]
         err = (e.vram_bytes - r["peak_vram_bytes"]) / r["peak_vram_bytes"]
         errors.append(err)
         steady = r["step_seconds"][1:] or r["step_seconds"]
@@ -153,12 +250,16 @@ def main() -> None:
         label = "x".join(str(v) for k, v in r["workload"].items() if k != "steps" and v)
         print(f"{r['build']:18s} {r['plan_name']:28s} {'exp' if 'expandable' in (r.get('allocator') or '') else 'def':5s} "
               f"{label:12s} {e.vram_bytes / GiB:8.2f} {r['peak_vram_bytes'] / GiB:8.2f} {err:+6.1%} {e.peak_stage:12s} "
-              f"{predicted_step:11.3f} {measured_step:6.3f} {e.seconds:11.2f} {r['seconds']:6.2f}")  # fmt: skip
+              f"{predicted_step:11.3f} {measured_step:6.3f} {e.seconds:11.2f} {r['seconds']:6.2f}"
+              f" {e.ram_load_bytes / GiB:8.2f} {(r['peak_rss_load_bytes'] or 0) / GiB:6.2f}"
+              f" {e.ram_run_bytes / GiB:8.2f} {(r['peak_rss_run_bytes'] or 0) / GiB:6.2f}")  # fmt: skip
         call_errors.append((e.seconds - r["seconds"]) / r["seconds"])
-    if args.write:  # which families and plans ran here (basis "measured"), and the margin kept free
-        from tools.estimate import CALIBRATION, signature
+    if args.write:  # which families and plans ran here (basis "measured"), the margin kept free, the host's terms
+        from tools.estimate import signature
 
         calibration = json.loads(CALIBRATION.read_text())
+        calibration.update(ram_base_bytes=k.ram_base_bytes, ram_copy_per_byte=k.ram_copy_per_byte,
+                           transfer_efficiency=k.transfer_efficiency)
         measured: dict[str, set[str]] = {}
         for r in runs:
             measured.setdefault(r["model"], set()).add(signature(plan_of(r)))
@@ -170,6 +271,9 @@ def main() -> None:
     print(f"\npeak VRAM: {within}/{len(errors)} within 10%; worst under {min(errors):+.1%}, worst over {max(errors):+.1%}")
     print(f"s/call: {sum(abs(x) <= 0.20 for x in call_errors)}/{len(call_errors)} within 20%, "
           f"mean |err| {sum(map(abs, call_errors)) / len(call_errors):.1%}")
+    if ram_errors:
+        print(f"host RAM (loading and running peaks): {sum(abs(x) <= 0.15 for x in ram_errors)}/{len(ram_errors)} within 15%; "
+              f"worst under {min(ram_errors):+.1%}, worst over {max(ram_errors):+.1%}")
     if step_errors:
         print(f"s/step (plain plans): mean |err| {sum(map(abs, step_errors)) / len(step_errors):.1%}, "
               f"worst {max(step_errors, key=abs):+.1%}")  # fmt: skip

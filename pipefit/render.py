@@ -175,6 +175,8 @@ def trial(result: TrialResult, console: Console) -> None:
     vram = format_bytes(result.peak_vram_bytes) if result.peak_vram_bytes is not None else "- (no GPU)"
     if result.vram_source:
         vram += f"  ({source[result.vram_source]})"
+    if result.peak_vram_load_bytes:
+        vram += f"; while loading {format_bytes(result.peak_vram_load_bytes)}"
     table.add_row("peak VRAM", vram)
     table.add_row("torch allocated / reserved", f"{format_bytes(result.peak_torch_allocated_bytes)} / "
                   f"{format_bytes(result.peak_torch_reserved_bytes)}")  # fmt: skip
@@ -263,7 +265,7 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
             console.print(f"[dim]{len(options) - len(shown)} more; --all lists them[/]")
     best = next((o for o in result.options if o.fits), None)
     if best is None:
-        console.print("[red]Nothing fits.[/] The closest options are listed; their reasons say what is short.")
+        console.print(f"[red]{escape(result.shortfall or 'Nothing fits.')}[/] The closest options are listed; their reasons say what is short.")
         return
     console.print(f"[bold]Best:[/] {escape(best.id)}  plan: {escape(json.dumps(best.plan))}")
     console.print(f"[dim]Guidance: {escape(result.guidance)}. Figures for {escape(result.gpu_profile)}.[/]")

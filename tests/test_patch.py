@@ -17,6 +17,7 @@ import pytest
 
 from tools.errors import PipefitError
 from tools.patch import patch_script, patch_source
+from tools.plan import Plan
 
 SCRIPTS = Path(__file__).parent / "fixtures" / "scripts"
 CORPUS = {k: v for k, v in json.loads((SCRIPTS / "corpus.json").read_text()).items() if not k.startswith("_")}
@@ -36,6 +37,8 @@ PLANS = {
     "fp8_group": {"layerwise_casting": {"components": ["{den}"]}, "offload": "group_block", "group": {"exclude": ["vae"]}},
     "fp8_model": {"layerwise_casting": {"components": ["{den}"]}, "offload": "model"},
     "nf4_model": {"quantize": {"backend": "bnb_nf4", "components": ["{den}", "{enc}"]}, "offload": "model", "vae": {"tiling": True}},
+    "nf4_staged": {"quantize": {"backend": "bnb_nf4", "components": ["{den}", "{enc}"]}, "load": "staged", "offload": "model"},
+    "nf4_host": {"quantize": {"backend": "bnb_nf4", "components": ["{den}"]}, "load": "host", "offload": "model"},
     "int8": {"quantize": {"backend": "bnb_int8", "components": ["{den}"]}},
     "ao_int8": {"quantize": {"backend": "torchao_int8wo", "components": ["{den}"]}},
     "vae": {"vae": {"tiling": True, "slicing": True}},
@@ -107,11 +110,17 @@ def check_calls(source: str, name: str, plan: dict) -> None:
         assert count(f"{pipe}.{den}", "set_attention_backend") == bool(plan.get("attention_backend"))
         at_load = [c for c in quantized if c not in loaded and c not in shared and c not in prequantized]
         loader = next(c for r, m, c in calls if m in ("from_pretrained", "from_single_file") and _is_pipeline(r))
-        if at_load:
+        loading = Plan.model_validate(plan).loading
+        if at_load and loading == "staged":  # each loaded on its own, quantized, parked; the pipeline takes them
+            staged = {ast.literal_eval(_kwarg(c, "subfolder")): c for r, m, c in calls if r == "AutoModel"}
+            assert set(staged) >= set(at_load) and all(_kwarg(staged[c], "quantization_config") for c in at_load)
+            if len(meta["pipes"]) == 1:
+                parked = {r for r, m, c in calls if m == "to" and c.args and ast.unparse(c.args[0]) == "'cpu'"}
+                assert all(_kwarg(loader, c) == c for c in at_load) and parked >= set(at_load)
+        elif at_load:
             expected_configs.append(sorted(at_load))
-        if at_load:  # quantizing at load time happens in host RAM, except bnb int8 (it cannot move after)
-            in_ram = plan["quantize"]["backend"] != "bnb_int8"
-            assert (_kwarg(loader, "device_map") == "'cpu'") == in_ram
+        if at_load and loading != "staged":  # host: device_map="cpu"; device: bitsandbytes maps to the GPU itself
+            assert (_kwarg(loader, "device_map") == "'cpu'") == (loading == "host")
     assert sum(1 for _, m, _ in calls if m == "apply_group_offloading") == 0
     assert not [c for r, m, c in calls if r == "" and m == "compile"]  # torch.compile(...) assignments replaced
     assert not [c for r, m, c in calls if m == "to" and r.endswith(")") and ".from_pretrained(" in r]
@@ -166,11 +175,35 @@ def test_removed_pipeline_level_vae_tiling_becomes_the_vae_method():
     assert "pipe.enable_vae_slicing()" not in result.source
 
 
-def test_bnb_int8_loads_on_the_gpu_and_nf4_in_ram():
+def test_each_loading_path_loads_as_it_says():
     source = (SCRIPTS / "flux_chained_to.py").read_text()
-    int8 = patch_source(source, {"quantize": {"backend": "bnb_int8", "components": ["transformer"]}})
-    nf4 = patch_source(source, {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}})
-    assert "device_map" not in int8.source and 'device_map="cpu"' in nf4.source
+    nf4 = {"quantize": {"backend": "bnb_nf4", "components": ["transformer", "text_encoder_2"]}, "offload": "model"}
+    device = patch_source(source, nf4).source  # bitsandbytes quantizes on the GPU as the weights stream in
+    host = patch_source(source, {**nf4, "load": "host"}).source
+    staged = patch_source(source, {**nf4, "load": "staged"}).source
+    assert "device_map" not in device and "PipelineQuantizationConfig(" in device
+    assert 'device_map="cpu"' in host and "PipelineQuantizationConfig(" in host
+    tree = ast.parse(staged)
+    loads = [c for c in ast.walk(tree) if isinstance(c, ast.Call) and ast.unparse(c.func) == "AutoModel.from_pretrained"]
+    assert [ast.literal_eval(_kwarg(c, "subfolder")) for c in loads] == ["transformer", "text_encoder_2"]
+    configs = [ast.unparse(next(k.value for k in c.keywords if k.arg == "quantization_config").func) for c in loads]
+    assert configs == ["BitsAndBytesConfig", "TransformersBitsAndBytesConfig"]  # each library's own config
+    parks = staged.index('transformer.to("cpu")'), staged.index('text_encoder_2.to("cpu")')
+    assert staged.index("text_encoder_2 = AutoModel") > parks[0] and "PipelineQuantizationConfig(" not in staged
+    assert "transformer=transformer" in staged and "text_encoder_2=text_encoder_2" in staged
+    # torchao quantizes where the weights load: by default in host RAM, staged onto the GPU
+    ao = {"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}}
+    assert 'device_map="cpu"' in patch_source(source, ao).source
+    assert 'device_map="cuda"' in patch_source(source, {**ao, "load": "staged"}).source
+
+
+@pytest.mark.parametrize(("plan", "rule"), [
+    ({"quantize": {"backend": "bnb_int8", "components": ["transformer"]}, "load": "host"}, "Expected a cuda device"),
+    ({"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}, "load": "device"}, "torchao quantizer"),
+])  # fmt: skip
+def test_a_loading_path_the_backend_cannot_take_is_refused(plan, rule):
+    with pytest.raises(PipefitError, match=rule):
+        patch_source((SCRIPTS / "flux_chained_to.py").read_text(), plan)
 
 
 def test_streams_on_an_sdxl_vae_warn_to_keep_it_resident():
@@ -298,13 +331,29 @@ def test_cli_shows_a_diff_writes_with_o_and_reports_json(tmp_path):
 # ---- running patched scripts on a CPU ----------------------------------------------------------------
 
 def _runs():
-    for i, name in enumerate(RUNNABLE):
-        for plan in {CPU_PLANS[i % len(CPU_PLANS)], CPU_PLANS[(i + 3) % len(CPU_PLANS)]}:
-            yield name, plan
+    """(script, plan) pairs: each runnable script with two CPU plans. By default every plan runs once and
+    every family at least once, the families taken in turn; the rest run under `-m slow` (each run is a
+    child process: about 15 s)."""
+    families = [CORPUS[name]["family"] for name in RUNNABLE]
+    rank = {name: families[:i].count(families[i]) for i, name in enumerate(RUNNABLE)}
+    plans_seen: set[str] = set()
+    families_seen: set[str] = set()
+    for name in sorted(RUNNABLE, key=lambda n: (rank[n], n)):
+        i = RUNNABLE.index(name)
+        first, second = CPU_PLANS[i % len(CPU_PLANS)], CPU_PLANS[(i + 3) % len(CPU_PLANS)]
+        default = first not in plans_seen or CORPUS[name]["family"] not in families_seen
+        yield pytest.param(name, first, marks=[] if default else [pytest.mark.slow])
+        if default:
+            plans_seen.add(first)
+            families_seen.add(CORPUS[name]["family"])
+        if second != first:
+            yield pytest.param(name, second, marks=[pytest.mark.slow])
 
 
-def test_every_cpu_plan_runs_somewhere():
-    assert {plan for _, plan in _runs()} == set(CPU_PLANS)
+def test_every_cpu_plan_and_family_runs_by_default():
+    default = [p.values for p in _runs() if not p.marks]
+    assert {plan for _, plan in default} == set(CPU_PLANS)
+    assert {CORPUS[name]["family"] for name, _ in default} == {CORPUS[name]["family"] for name in RUNNABLE}
 
 
 def _run_patched(name: str, plan: str, hub: Path, workdir: Path, **env: str) -> None:
@@ -319,7 +368,7 @@ def _run_patched(name: str, plan: str, hub: Path, workdir: Path, **env: str) -> 
         assert (workdir / output).stat().st_size > 0, output
 
 
-@pytest.mark.parametrize("name, plan", sorted(_runs()))
+@pytest.mark.parametrize("name, plan", list(_runs()))
 def test_patched_script_runs_on_cpu(name, plan, fake_hub, tmp_path):
     _run_patched(name, plan, fake_hub, tmp_path, CUDA_VISIBLE_DEVICES="")
 

@@ -50,6 +50,12 @@ CASES = [
      {"quantize": {"backend": "bnb_int8", "components": ["transformer"]}, "offload": "model"},
      Target(versions={"bitsandbytes": "0.46.0", "transformers": "4.57.0"}),
      {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}, "offload": "model"}),
+    ("load.int8_not_on_host", {"quantize": {"backend": "bnb_int8", "components": ["transformer"]}, "load": "host"},
+     CUDA, {"quantize": {"backend": "bnb_int8", "components": ["transformer"]}, "load": "staged"}),
+    ("load.torchao_not_while_streaming",
+     {"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}, "load": "device"},
+     CUDA, {"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}}),
+    ("load.needs_quantization", {"load": "staged"}, CUDA, {"offload": "model"}),
     ("layerwise_casting.diffusers_models_only", {"layerwise_casting": {"components": ["transformer", "text_encoder_2"]}},
      CUDA, {"layerwise_casting": {"components": ["transformer", "vae"]}}),
     ("offload.needs_accelerator", {"offload": "model"}, Target(device_type="cpu"), {"offload": "group_block"}),
@@ -83,6 +89,7 @@ def test_each_rule_fires_when_broken_and_only_then(rule, breaking, target, fine)
     if target.model_dump(exclude_none=True) and rule.split(".")[1] not in (
         "not_with_layerwise_casting", "group_settings_need_group_offload", "streams_force_one_block",
         "stream_options_need_stream", "known_backend", "diffusers_models_only",
+        "int8_not_on_host", "torchao_not_while_streaming", "needs_quantization",
     ):  # fmt: skip
         assert rule not in {f.rule for f in check_plan(Plan.model_validate(breaking), Target())}
 

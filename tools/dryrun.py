@@ -40,7 +40,7 @@ from .errors import PipefitError
 from .model_source import PipelineSource, resolve_pipeline
 from .sizes import module_bytes
 
-_SCHEMA = 3
+_SCHEMA = 5
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)
 _STAND_IN_NUMEL = 1 << 24  # an op with a value-dependent shape runs on CPU stand-ins up to this size (text states)
 # PyTorch's fused attention kernels on CUDA take head dims up to 256; larger ones (the 512-wide single
@@ -64,10 +64,11 @@ class ComponentCall(BaseModel):
     attention_flops: float
     convs: dict[str, list[tuple[int, int]]] = Field(
         default_factory=dict,
-        description="by kind ('2d', '3d'): (live bytes while a convolution runs, its input + output bytes) for "
+        description="by kind ('2d', '3d', '2d_float32' ...): (live bytes while a convolution runs, its input + output bytes) for "
         "the convolutions no other one exceeds in both: cuDNN's workspace beside them grows with the second",
     )
     inputs: dict[str, list[int]] = Field(default_factory=dict, description="shapes of the tensor arguments")
+    largest_bytes: int = Field(0, description="the largest single tensor the call created")
     weight_bytes: int | None = Field(
         None, description="the component's weights when it ran: more than measured where the pipeline upcast it "
         "(SDXL's float16 VAE decodes in float32)",
@@ -341,7 +342,7 @@ class _Recorder:
                 }))  # fmt: skip
                 live.convs = outer_convs
                 return _rebuild(skeleton)
-            live.peak = held
+            live.peak, outer_largest, live.largest = held, live.largest, 0
             recorder.depth += 1
             try:
                 out = original(*args, **kwargs)
@@ -351,8 +352,9 @@ class _Recorder:
                 component=name, method=method, step=recorder.loop.step, held_bytes=held, peak_bytes=live.peak,
                 weight_bytes=module_bytes(module),
                 flops=live.flops - flops, conv_flops=live.conv_flops - conv_flops, attention_flops=attention.flops - attn,
-                convs=live.convs, inputs=shapes,
+                convs=live.convs, inputs=shapes, largest_bytes=live.largest,
             )  # fmt: skip
+            live.largest = max(outer_largest, live.largest)
             for kind, points in call.convs.items():
                 for point in points:
                     _frontier(outer_convs.setdefault(kind, []), point)
@@ -507,6 +509,7 @@ class _LiveBytes:
 
         self.current = 0
         self.peak = 0
+        self.largest = 0  # the largest single tensor created (per call: reset by the recorder)
         self.flops = 0.0
         self.conv_flops = 0.0
         self.convs: dict[str, list[tuple[int, int]]] = {}  # (live, input + output bytes) by kind: a frontier
@@ -569,7 +572,9 @@ class _LiveBytes:
                 self._track(t, inputs)
         if conv:  # its output counted: what is live while it runs
             size = args[0].numel() * args[0].element_size() + out.numel() * out.element_size()
-            _frontier(self.convs.setdefault(f"{args[1].dim() - 2}d", []), (self.current, size))
+            # cuDNN picks other algorithms (and workspaces) for float32 than for half precision
+            kind = f"{args[1].dim() - 2}d" + ("_float32" if args[0].dtype == torch.float32 else "")
+            _frontier(self.convs.setdefault(kind, []), (self.current, size))
         self._shadow(func, args, kwargs, flat_in, flat_out, out, tree_map)
         return out
 
@@ -607,6 +612,7 @@ class _LiveBytes:
             self._sizes[key], self._refs[key] = size, 1
             self.current += size
             self.peak = max(self.peak, self.current)
+            self.largest = max(self.largest, size)
         weakref.finalize(tensor, self._release, key)
 
     def _release(self, key: int) -> None:

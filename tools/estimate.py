@@ -16,8 +16,9 @@ the allocator keeps beyond it. Each term is derived, none is fitted per family:
 The fragmentation is a fraction of the peak call's working memory, smaller with expandable
 segments (the plans' default) than with the default caching allocator, which under group
 offloading also keeps freed group buffers. Seconds come from the FLOPs the dry run counted at the
-GPU's rates, plus the transfers the placement makes at the host's measured bandwidth. Host RAM
-terms are the host's (tools/calibration.json, fitted on the H100 host).
+GPU's rates, plus the transfers the placement makes at the host's measured bandwidth. Host RAM is
+the process's own plus what the loading path reads and converts and what the placement holds, per
+byte of the weights concerned (strategies.loading, offload, group_offload), at the host's terms.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from pydantic import BaseModel, Field
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement
 from .plan import Plan
-from .strategies import Rates, Weights, resident, transfer_seconds
-from .strategies.quantize import LOADS_IN_HOST_RAM
+from .strategies import Rates, Weights, host_bytes, loading, resident, setup_host_bytes, transfer_seconds
 
 if TYPE_CHECKING:
     from .dryrun import ComponentCall, Trace
@@ -47,12 +47,13 @@ class Coefficients(BaseModel):
     since-removed bench/fit_models.py; bench/fit_gpu.py --write keeps ``measured`` and ``margin_fraction``)."""
 
     gpu: str
-    ram_load_base_bytes: float
-    ram_run_base_bytes: float
-    ram_load_per_byte: dict[str, float] = Field(description="'largest' (streamed to the GPU), 'host' (held on the CPU)")
-    ram_run_offloaded_per_byte: dict[str, float] = Field(description="by mechanism: model, sequential, group")
-    ram_run_host_per_byte: float = Field(description="left over from quantizing or casting in host RAM")
-    ram_run_pinned_per_byte: float
+    ram_base_bytes: dict[str, float] = Field(description="the process's RSS before any weight: 'load', and 'run' (CUDA's host side)")
+    ram_copy_per_byte: dict[str, float] = Field(
+        description="RSS per byte of weights the host holds, by who holds them: model, model_quantized (its "
+        "quantized components), sequential, group, "
+        "group_low_cpu_mem (ordinary memory the host allocator keeps), pinned (per pinned byte), host_quantize "
+        "(converting on the CPU while loading), host_leftover (what that conversion leaves)"
+    )
     step_factor: dict[str, float] = Field(description="step time relative to bf16, by quantization backend or 'fp8_cast'")
     transfer_efficiency: dict[str, float] = Field(description="rate reached / measured pageable rate, by mechanism")
     pageable_bytes_per_s: float
@@ -128,7 +129,6 @@ def estimate(
     profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
     trace = trace or trace_for(m, w)
     weights = Weights.of(plan, m)
-    models = {n: c for n, c in m.components.items() if c.bytes}
 
     # ---- VRAM: each call's resident weights and working memory
     on_device = [on + _upcast(plan, call, m) for call, on in zip(trace.calls, resident(plan, trace, weights))]
@@ -138,15 +138,19 @@ def estimate(
     ]  # fmt: skip
     if not stages:  # nothing traced: the weights alone, as a floor
         stages = [StagePeak(stage="load", call="load", resident_bytes=weights.total, working_bytes=0)]
-    peak = max(stages, key=lambda s: s.resident_bytes + s.working_bytes)
+    at_load, layer = loading.device_bytes_at_load(plan, weights)
+    if at_load:  # quantized on the GPU while loading, before the placement moves anything
+        stages.append(StagePeak(stage="load", call="loading", resident_bytes=at_load, working_bytes=layer))
+    index = max(range(len(stages)), key=lambda i: stages[i].resident_bytes + stages[i].working_bytes)
+    peak = stages[index]
     allocated = peak.resident_bytes + peak.working_bytes
     # freed activation blocks the allocator keeps mapped; the caching allocator also keeps group buffers
-    extra = profile.fragmentation.get(plan.allocator, max(profile.fragmentation.values(), default=0.0)) * peak.working_bytes
+    extra = profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, index)) * peak.working_bytes
     if plan.allocator == "default" and plan.grouped:
         extra += profile.cached_per_offloaded_byte * weights.total
     vram = int(profile.context_bytes + allocated + extra)
 
-    ram_load, ram_run = _ram(plan, models, weights.bytes, k)
+    ram_load, ram_run = host_ram(plan, weights, k)
 
     # ---- seconds per call: FLOPs over the GPU's rates, per call, plus the placement's transfers
     steps_seen = max(trace.steps_run, 1)
@@ -169,6 +173,13 @@ def estimate(
         vram_bytes=vram, ram_load_bytes=int(ram_load), ram_run_bytes=int(ram_run), seconds=round(seconds, 3),
         peak_stage=peak.stage, stages=stages, allocator=plan.allocator, basis="measured" if measured else "derived",
     )  # fmt: skip
+
+
+def conv_kind(calls: list["ComponentCall"], index: int) -> str:
+    """'3d' when the call at ``index`` runs 3-D convolutions, else '2d' for 2-D ones, else 'none' (the loading
+    stage, after the calls, runs none)."""
+    kinds = {kind.split("_")[0] for kind in calls[index].convs} if index < len(calls) else set()
+    return "3d" if "3d" in kinds else "2d" if "2d" in kinds else "none"
 
 
 def call_seconds(call: "ComponentCall", profile: GpuProfile) -> float:
@@ -195,13 +206,13 @@ def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights
         if chosen is not None and chosen.peak_bytes < call.peak_bytes:
             call = chosen
     # cuDNN's workspace beside a convolution, on top of what is live while it runs
+    per_byte = profile.conv_workspace_per_byte
     working = max([call.peak_bytes] + [
-        live + profile.conv_workspace_per_byte.get(kind, 0.0) * size
+        live + per_byte.get(kind, per_byte.get(kind.split("_")[0], 0.0)) * size  # unmeasured dtype: half precision's
         for kind, points in call.convs.items() for live, size in points
     ])  # fmt: skip
-    if call.component in plan.converted:
-        measured = weights.measured.components[call.component].largest_leaf_bytes or 0
-        working += measured  # the largest layer at full precision, while it computes
+    if call.component in plan.converted and call.component in weights.bytes:
+        working += weights.converted_layer(plan, call.component)  # the largest layer at full precision, while it computes
     return working
 
 
@@ -225,48 +236,27 @@ def _step_factor(plan: Plan, component: str, k: Coefficients) -> float:
     return factor
 
 
-def _ram(plan: Plan, models: dict, weights: dict[str, int], k: Coefficients) -> tuple[float, float]:
-    """RSS while loading and while running (the host's terms; issue 17 derives them)."""
-    full = {n: c.bytes or 0 for n, c in models.items()}
-    offloading = plan.offload != "none"
-    host_loaded = bool(plan.layerwise_casting) or bool(plan.quantize and plan.quantize.backend in LOADS_IN_HOST_RAM)
-    if host_loaded:  # quantized or cast on the CPU: the whole pipeline passes through host RAM
-        ram_load = k.ram_load_base_bytes + k.ram_load_per_byte["host"] * sum(full.values())
-    elif offloading:  # the hooks take the weights as they are mapped from the files
-        ram_load = k.ram_load_base_bytes
-    else:  # moved to the GPU component by component
-        ram_load = k.ram_load_base_bytes + k.ram_load_per_byte["largest"] * max(full.values())
-    ram_run = k.ram_run_base_bytes
-    converted = {*(plan.layerwise_casting.components if plan.layerwise_casting else [])}
-    if plan.quantize and plan.quantize.backend in LOADS_IN_HOST_RAM:
-        converted |= set(plan.quantize.components)
-    ram_run += k.ram_run_host_per_byte * sum(full.get(n, 0) for n in converted)
-    if offloading:
-        kept = set(plan.group_settings.exclude) if plan.grouped else set()
-        off = sum(b for n, b in weights.items() if n not in kept)
-        g = plan.group_settings
-        pinned = plan.grouped and g.use_stream and not g.low_cpu_mem_usage
-        per_byte = k.ram_run_offloaded_per_byte
-        fitted = per_byte.get(ram_mechanism(plan), max(per_byte.values()))
-        ram_run += off * (k.ram_run_pinned_per_byte if pinned else fitted)
-        if pinned:
-            ram_load = max(ram_load, ram_run)  # pinned copies are made at setup
-    return ram_load, ram_run
-
-
-def ram_mechanism(plan: Plan) -> str:
-    """Which fitted host-RAM term a plan's offloaded weights follow: model, sequential or group."""
-    return "group" if plan.grouped else plan.offload
+def host_ram(plan: Plan, weights: Weights, k: Coefficients) -> tuple[float, float]:
+    """RSS while loading (up to the first call) and while running: the process's own, plus what the
+    loading path reads and converts (strategies.loading) and what the placement holds (its module)."""
+    per_byte = k.ram_copy_per_byte
+    on_device = loading.on_device_after_load(plan, weights)
+    setup = setup_host_bytes(plan, weights, per_byte, on_device)
+    running = host_bytes(plan, weights, per_byte) + loading.host_leftover_bytes(plan, weights, per_byte)
+    ram_load = k.ram_base_bytes["load"] + loading.host_bytes_at_load(plan, weights, setup, per_byte)
+    return ram_load, k.ram_base_bytes["run"] + running
 
 
 def signature(plan: Plan) -> str:
-    """The shape of a plan as far as the models care: placement, streams, precision, VAE, compile."""
+    """The shape of a plan as far as the models care: placement, streams, loading, precision, VAE, compile."""
     parts = [plan.offload]
+    if plan.quantize and plan.loading != Plan(quantize=plan.quantize).loading:  # not the backend's own way
+        parts.append(f"load_{plan.loading}")
     if plan.allocator != "expandable_segments":
         parts.append(f"alloc_{plan.allocator}")
     if plan.grouped:
         g = plan.group_settings
-        parts += [name for name, on in (("stream", g.use_stream), ("low_cpu_mem", g.low_cpu_mem_usage)) if on]
+        parts += [name for name, on in (("stream", g.use_stream), ("low_cpu_mem", g.low_cpu_mem_usage), ("disk", g.offload_to_disk)) if on]
     if plan.quantize:
         parts.append(plan.quantize.backend)
     if plan.layerwise_casting:

@@ -29,12 +29,13 @@ class GpuProfile(BaseModel):
     context_bytes: float = Field(description="CUDA context and library handles: the driver's figure minus PyTorch's reserved")
     fragmentation: dict[str, float] = Field(
         description="reserved above allocated at the peak, per byte of the peak call's working memory, by allocator "
-        "(expandable_segments, default): freed activation blocks the allocator keeps mapped"
+        "(expandable_segments, default) and by the convolutions the call runs ('expandable_segments:3d'): freed "
+        "activation blocks the allocator keeps mapped"
     )
     cached_per_offloaded_byte: float = Field(
         0.0,
         description="default allocator under group offloading: freed group buffers it keeps, per byte offloaded "
-        "(no H200 run had group offloading: the H100's block-level figure, 0.26, rounded)",
+        "(bench/fit_gpu.py: the largest excess over the plan predicted without them)",
     )
     conv_workspace_per_byte: dict[str, float] = Field(
         default_factory=dict,
@@ -46,6 +47,14 @@ class GpuProfile(BaseModel):
     call_overhead_seconds: float = Field(description="per component call: kernel launches and Python")
     source: Literal["measured", "vendor"]
     measured_on: str | None = Field(None, description="the GPU whose runs the efficiency comes from")
+
+    def fragmentation_for(self, allocator: str, kind: str) -> float:
+        """The fragmentation of a call running ``kind`` convolutions ('2d', '3d', 'none') under ``allocator``:
+        measured for that kind, else the allocator's largest, else the largest of any."""
+        for key in (f"{allocator}:{kind}", allocator):
+            if key in self.fragmentation:
+                return self.fragmentation[key]
+        return max(self.fragmentation.values(), default=0.0)
 
 
 # Dense bf16 tensor throughput (TFLOP/s) and memory (GiB), vendor figures.

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,13 +143,16 @@ def capabilities_for(compute_capability: str | None) -> Capabilities | None:
 
 def installed_versions(packages: tuple[str, ...] = STACK_PACKAGES) -> dict[str, str | None]:
     """Versions of the packages that decide which strategies are available; None when missing."""
-    versions: dict[str, str | None] = {}
-    for name in packages:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: _version(name) for name in packages}
+
+
+@lru_cache(maxsize=64)
+def _version(name: str) -> str | None:
+    # read once per process: a package's metadata costs milliseconds each time
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> HostMemory:

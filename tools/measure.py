@@ -22,14 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import PipefitError
 from .model_source import ComponentSource, resolve_pipeline
-from .sizes import module_bytes, param_count
+from .sizes import module_bytes, param_count, pinned_bytes
 from .strategies import group_offload, layerwise_casting, quantize
 
 if TYPE_CHECKING:
     import torch
 
 DTYPES = ("bfloat16", "float16", "float32")
-_CACHE_SCHEMA = 2  # bump when the measurement's meaning changes
+_CACHE_SCHEMA = 3  # bump when the measurement's meaning changes
 # The code whose rules the figures come from: editing it (a fixed skip rule, say) invalidates the cache.
 _RULE_SOURCES = ("measure.py", "sizes.py", "strategies")
 _MODEL_LIBRARIES = ("diffusers", "transformers")
@@ -59,6 +59,7 @@ class Checkpoint(BaseModel):
     params: int
     stored_bytes: int
     dtypes: list[str]
+    largest_file_bytes: int | None = Field(None, description="the biggest of the files: what one mmap can hold resident")
 
 
 class ComponentMeasurement(BaseModel):
@@ -69,7 +70,11 @@ class ComponentMeasurement(BaseModel):
     bytes: int | None = Field(None, description="On the device at the target dtype, buffers included")
     layerwise_fp8_bytes: int | None = Field(None, description="After fp8 layerwise casting; null where unsupported")
     quantized_bytes: dict[str, int] | None = Field(None, description="After each backend, quantization state included")
+    largest_quantized_layer_bytes: dict[str, int] | None = Field(
+        None, description="each backend's largest converted weight at the load dtype (dequantized while it computes)"
+    )
     largest_leaf_bytes: int | None = None
+    pinned_bytes: int | None = Field(None, description="a pinned host copy of every tensor, each rounded up to a power of two")
     leaf_offload_root_bytes: int | None = Field(
         None, description="kept on the device by leaf-level offloading for the whole forward: norms, position tables"
     )
@@ -318,7 +323,9 @@ def _measure_module(model: "torch.nn.Module", class_name: str, library: str, dty
         params=param_count(model),
         bytes=module_bytes(model),
         quantized_bytes={name: quantize.quantized_bytes(model, library, name) for name in quantize.BACKENDS},
+        largest_quantized_layer_bytes={name: quantize.largest_converted_bytes(model, library, name) for name in quantize.BACKENDS},
         largest_leaf_bytes=group_offload.largest_leaf_bytes(model),
+        pinned_bytes=pinned_bytes(model),
         leaf_offload_root_bytes=group_offload.leaf_level_root_bytes(model),
         blocks=blocks,
         repeated_blocks=repeated,
@@ -374,7 +381,8 @@ def _read_checkpoint(folder: Path) -> Checkpoint | None:
                     dtypes.add(dtype)
         except Exception as exc:  # a truncated download or a git-lfs pointer in place of the file
             raise PipefitError(f"Cannot read the safetensors header of {file}: {exc}", "Download the file again.")
-    return Checkpoint(files=[f.name for f in files], params=params, stored_bytes=stored, dtypes=sorted(dtypes))
+    return Checkpoint(files=[f.name for f in files], params=params, stored_bytes=stored, dtypes=sorted(dtypes),
+                      largest_file_bytes=max(f.stat().st_size for f in files))  # fmt: skip
 
 
 _SAFETENSORS_DTYPE_BYTES = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import libcst as cst
@@ -25,7 +26,7 @@ from pydantic import BaseModel, Field
 from .errors import PipefitError
 from .plan import Plan, Target, check_plan, parse_plan
 from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
-from .strategies import Code, Site, allocator, attention, layerwise_casting, quantize, torch_compile, vae
+from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
 LINE_LIMIT = 100  # longer generated calls get one argument per line
@@ -70,8 +71,7 @@ def patch_script(
 def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.py") -> PatchResult:
     """``patch_script`` on source text; writes nothing."""
     plan = parse_plan(plan)
-    module = parse(source, filename)
-    info = analyze(module, filename)
+    module, info = _analyzed(source, filename)
     edits: list[str] = []
     warnings: list[str] = []
     work = [_prepare(info, creation, plan, filename, warnings) for creation in info.creations]
@@ -91,6 +91,14 @@ def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.p
     )
 
 
+@lru_cache(maxsize=8)
+def _analyzed(source: str, filename: str) -> tuple[cst.Module, ScriptInfo]:
+    """The script's tree and what it builds, read once per source: recommend patches one template with
+    several plans (the tree is immutable and the analysis only read)."""
+    module = parse(source, filename)
+    return module, analyze(module, filename)
+
+
 # ---- per pipeline: what to write ----------------------------------------------------------------
 
 
@@ -107,6 +115,10 @@ class _Work:
     component_quant: dict[int, tuple[str, cst.BaseStatement]] = field(default_factory=dict)  # id(load call) -> (expression, its statement)
     set_device_map: str | None = None  # '"cpu"'
     drop_device_map: bool = False
+    staged: Code | None = None  # load 'staged': each quantized component loaded on its own before the pipeline
+    staged_kwargs: dict[str, str] = field(default_factory=dict)  # component -> its variable, passed to the loader
+    component_device_map: dict[int, str] = field(default_factory=dict)  # id(load call) -> device_map source
+    park_after: dict[int, str] = field(default_factory=dict)  # id(statement) -> `x.to("cpu")` (load 'staged')
     anchor: cst.BaseStatement | None = None  # managed statement the block replaces ...
     after: cst.BaseStatement | None = None  # ... or the statement it follows
 
@@ -226,11 +238,46 @@ def _prepare_quantization(
             code = quantize.model_config(plan.quantize.backend, target.library_of(name), site)
             work.component_quant[id(component.call)] = (code.statements[0], component.statement)
             work.imports += code.imports
-    if at_load:
+            if plan.loading == "host":
+                work.component_device_map[id(component.call)] = '"cpu"'
+            elif plan.quantize.backend not in loading.QUANTIZES_ON_DEVICE:  # torchao: where the weights load
+                work.component_device_map[id(component.call)] = site.device
+            bound = _bound_name(info, component.statement)
+            if plan.loading == "staged" and bound:
+                work.park_after[id(component.statement)] = f'{bound}.to("cpu")'
+    if at_load and plan.loading == "staged":
+        source = _source_expression(info, creation)
+        hub = {key: _kwarg_code(info, creation.loader, key) for key in loading.HUB_KWARGS}
+        names = {c: c if len(info.creations) == 1 else f"{_quant_var(info, creation).removesuffix('quantization_config')}{c}" for c in at_load}
+        work.staged = loading.staged_loads(plan.quantize, at_load, source, {k: v for k, v in hub.items() if v}, site, target, names)
+        work.staged_kwargs = names
+        work.imports += work.staged.imports
+    elif at_load:
         code = quantize.pipeline_config(plan.quantize, at_load, site, target)
         work.quant_expr = code.statements[0]
         work.quant_edit = code.edit
         work.imports += code.imports
+
+
+def _bound_name(info: ScriptInfo, statement: cst.BaseStatement | None) -> str | None:
+    """The variable a ``x = ...`` statement binds."""
+    if isinstance(statement, cst.SimpleStatementLine) and isinstance(statement.body[0], cst.Assign):
+        return info.code(statement.body[0].targets[0].target)
+    return None
+
+
+def _source_expression(info: ScriptInfo, creation: Creation) -> str:
+    """The repo or folder the pipeline loads from, as source."""
+    named = creation.kwarg("pretrained_model_name_or_path")
+    if named is not None:
+        return info.code(named.value)
+    positional = next((a for a in creation.loader.args if a.keyword is None), None)
+    if positional is None:
+        raise PipefitError(
+            f"Cannot stage the loading of {creation.pipe} (line {creation.line}): its from_pretrained call names no model.",
+            "Use load 'device' or 'host'. Nothing was changed.",
+        )
+    return info.code(positional.value)
 
 
 def _binding(info: ScriptInfo, creation: Creation, name: str) -> cst.SimpleStatementLine | None:
@@ -250,13 +297,15 @@ def _binding(info: ScriptInfo, creation: Creation, name: str) -> cst.SimpleState
 def _prepare_device_map(info: ScriptInfo, creation: Creation, plan: Plan, work: _Work) -> None:
     device_map = creation.kwarg("device_map")
     current = info.code(device_map.value) if device_map else None
-    if work.quant_expr is not None and plan.quantize.backend in quantize.LOADS_IN_HOST_RAM:
-        # load and quantize in host RAM: quantizing on the GPU holds the full-precision component there too
+    if work.quant_expr is not None and plan.loading == "host":
+        # load and quantize in host RAM: nothing reaches the GPU until the placement
         if device_type(info, current) != "cpu":
             work.set_device_map = '"cpu"'
     elif device_map is not None and device_type(info, current) != "cpu":
         if plan.offload != "none" or "balanced" in current:
             work.drop_device_map = True
+    elif device_map is not None and work.quant_expr is not None and plan.loading == "device":
+        work.drop_device_map = True  # device_map="cpu" would quantize in host RAM: bitsandbytes maps to the GPU itself
 
 
 def _find_anchor(info: ScriptInfo, work: _Work) -> None:
@@ -295,6 +344,8 @@ class _Rewriter(cst.CSTTransformer):
         self.loaders = {id(w.creation.loader): w for w in work}
         self.assigns = {id(w.creation.assign): w for w in work}
         self.component_calls = {key: found for w in work for key, found in w.component_quant.items()}
+        self.component_device_maps = {key: value for w in work for key, value in w.component_device_map.items()}
+        self.parks = {key: text for w in work for key, text in w.park_after.items()}
         self.anchors = {id(w.anchor): w for w in work if w.anchor is not None}
         self.afters: dict[int, list[_Work]] = {}
         for w in work:
@@ -309,7 +360,11 @@ class _Rewriter(cst.CSTTransformer):
         if id(original) in self.component_calls:
             expr, statement = self.component_calls[id(original)]
             self.edits.append(f"line {line}: load it quantized: quantization_config={expr}")
-            return self._fit(original, _set_kwarg(updated, "quantization_config", cst.parse_expression(expr)), statement)
+            updated = _set_kwarg(updated, "quantization_config", cst.parse_expression(expr))
+            if (device_map := self.component_device_maps.get(id(original))) is not None:
+                self.edits.append(f"line {line}: device_map={device_map}: quantized where it loads")
+                updated = _set_kwarg(updated, "device_map", cst.parse_expression(device_map))
+            return self._fit(original, updated, statement)
         work = self.loaders.get(id(original))
         if work is None:
             return updated
@@ -319,8 +374,13 @@ class _Rewriter(cst.CSTTransformer):
                 self.edits.append(f"line {line}: {pipe} loads with {work.quant_edit} (quantization_config={work.quant_var})")
             updated = _set_kwarg(updated, "quantization_config", cst.Name(work.quant_var))
         elif _kwarg_code(self.info, original, "quantization_config") is not None:
-            self.edits.append(f"line {line}: removed {pipe}'s quantization_config (the plan quantizes nothing)")
+            why = "its quantized components load on their own" if work.staged_kwargs else "the plan quantizes nothing"
+            self.edits.append(f"line {line}: removed {pipe}'s quantization_config ({why})")
             updated = _drop_kwarg(updated, "quantization_config")
+        for component, variable in work.staged_kwargs.items():
+            if _kwarg_code(self.info, original, component) != variable:
+                self.edits.append(f"line {line}: {pipe} takes the {component} loaded above ({component}={variable})")
+                updated = _set_kwarg(updated, component, cst.Name(variable))
         if work.set_device_map and _kwarg_code(self.info, original, "device_map") != work.set_device_map:
             self.edits.append(f'line {line}: device_map="cpu": components load and quantize in RAM, not on the GPU')
             updated = _set_kwarg(updated, "device_map", cst.parse_expression(work.set_device_map))
@@ -371,6 +431,13 @@ class _Rewriter(cst.CSTTransformer):
         for original, new in zip(originals, updated):
             column = " " * self.info.columns.get(id(original), 0)
             creating = self.before.get(id(original))
+            if creating is not None and creating.staged is not None:
+                staged = [_statement(text, column) for text in creating.staged.statements]
+                marker = cst.EmptyLine(comment=cst.Comment(f"{MARKER} {creating.staged.edit}"))
+                staged[0] = staged[0].with_changes(leading_lines=[*new.leading_lines, marker])
+                out += staged
+                new = new.with_changes(leading_lines=())
+                self.edits.append(f"before line {self.info.line_of(original)}: {creating.staged.edit}")
             if creating is not None and creating.quant_expr is not None and creating.quant_statement is None:
                 assignment = _statement(f"{creating.quant_var} = {creating.quant_expr}", column)
                 out.append(assignment.with_changes(leading_lines=new.leading_lines))
@@ -400,6 +467,10 @@ class _Rewriter(cst.CSTTransformer):
                 new = new.with_changes(leading_lines=[*carried, *new.leading_lines])
                 carried = []
             out.append(new)
+            if id(original) in self.parks:
+                out.append(_statement(self.parks[id(original)], column))
+                self.edits.append(f"after line {self.info.line_of(original)}: {self.parks[id(original)]} (parked in RAM "
+                                  "before the next component loads onto the GPU)")
             for w in self.afters.get(id(original), []):
                 out += self._block(w, column, [])
                 self.edits.append(f"after line {self.info.line_of(original)}: added the plan's placement and settings for {w.creation.pipe}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,10 @@ class GroupSpec(_Strict):
     low_cpu_mem_usage: bool = False
     record_stream: bool = False
     exclude: list[str] = Field(default_factory=list, description="components kept resident on the GPU")
+    offload_to_disk: bool = Field(
+        False, description="groups written to safetensors files (offload_to_disk_path) and read back as they run: "
+        "almost no host RAM, disk space for the offloaded weights, slower",
+    )
 
 
 class VaeSpec(_Strict):
@@ -57,6 +62,12 @@ class Plan(_Strict):
     """How a pipeline is loaded and placed: quantization, fp8 casting, offloading, VAE, compile, attention."""
 
     quantize: QuantizeSpec | None = None
+    load: Literal["device", "host", "staged"] | None = Field(
+        None,
+        description="how quantized components load: device (quantized on the GPU as the weights stream in), "
+        "host (device_map='cpu', quantized in host RAM), staged (one component at a time on the GPU, parked in RAM); "
+        "unset: the backend's own way (bitsandbytes device, torchao host)",
+    )
     layerwise_casting: LayerwiseCastingSpec | None = None
     offload: OffloadKind = "none"
     group: GroupSpec | None = None
@@ -73,11 +84,21 @@ class Plan(_Strict):
     def group_settings(self) -> GroupSpec:
         return self.group or GroupSpec()
 
-    @property
+    @cached_property
     def converted(self) -> set[str]:
         """Components whose weights the plan quantizes or stores in fp8."""
         return {*(self.quantize.components if self.quantize else []),
                 *(self.layerwise_casting.components if self.layerwise_casting else [])}  # fmt: skip
+
+    @property
+    def loading(self) -> Literal["device", "host", "staged"]:
+        """How the quantized components load: ``load``, else the backend's own way (bitsandbytes quantizes
+        on the GPU as the weights stream in, torchao where they load: the CPU)."""
+        if self.load is not None:
+            return self.load
+        from .strategies.loading import QUANTIZES_ON_DEVICE
+
+        return "device" if not self.quantize or self.quantize.backend in QUANTIZES_ON_DEVICE else "host"
 
     @property
     def grouped(self) -> bool:
@@ -137,9 +158,9 @@ class Finding(BaseModel):
 
 def all_rules() -> tuple[Rule, ...]:
     """Every strategy module's rules, in a stable order."""
-    from .strategies import attention, group_offload, layerwise_casting, offload, quantize, torch_compile, vae
+    from .strategies import attention, group_offload, layerwise_casting, loading, offload, quantize, torch_compile, vae
 
-    modules = (quantize, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
+    modules = (quantize, loading, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
     return tuple(rule for module in modules for rule in module.RULES)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
@@ -23,7 +23,7 @@ from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficien
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
 from .plan import Plan, Target, check_plan, parse_plan
-from .strategies import group_offload
+from .strategies import Weights, group_offload, loading
 from .strategies.attention import PACKAGE_OF_BACKEND
 from .units import format_bytes, parse_size
 
@@ -82,6 +82,7 @@ class Recommendation(BaseModel):
     options: list[Option] = Field(description="every plan evaluated: fitting ones first, best first")
     gpu_profile: str = Field(description="whose context, allocator and compute figures the predictions use")
     guidance: str = Field(description="how the pipeline runs guidance at this workload, as its dry run showed")
+    shortfall: str | None = Field(None, description="when nothing fits: what the machine lacks for the closest plans")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -137,8 +138,33 @@ def recommend(
     return Recommendation(
         model=measured.model, pipeline_class=measured.pipeline_class, hardware=machine, workload=workload,
         prefer=prefer, margin_bytes=margin, options=options, gpu_profile=_describe(profile),
-        guidance=_guidance(trace, denoiser_of(measured)), warnings=trace.warnings,
+        guidance=_guidance(trace, denoiser_of(measured)), shortfall=_shortfall(options, machine, margin, target),
+        warnings=trace.warnings,
     )  # fmt: skip
+
+
+def _shortfall(options: list["Option"], machine: Machine, margin: int, target: Target) -> str | None:
+    """What is missing when no plan fits: the RAM the lightest plan within the VRAM needs, or the VRAM
+    the lightest plan needs (and its RAM)."""
+    if not options or any(o.fits for o in options):
+        return None
+    allowed = [o for o in options
+               if not any(f.severity == "error" for f in check_plan(Plan.model_validate(o.plan), target))]  # fmt: skip
+    if not allowed:
+        return None
+
+    def ram(o: "Option") -> int:
+        return max(o.predicted.ram_load_bytes, o.predicted.ram_run_bytes)
+
+    have = f"{format_bytes(machine.vram_bytes)} of VRAM and {format_bytes(machine.ram_bytes)} of RAM"
+    within = [o for o in allowed if o.predicted.vram_bytes + margin <= machine.vram_bytes]
+    if within:
+        o = min(within, key=ram)
+        return (f"Nothing fits {have}: RAM is short. The plan needing the least RAM within the VRAM, {o.id}, needs "
+                f"{format_bytes(ram(o))} of RAM ({format_bytes(ram(o) - machine.ram_bytes)} more).")  # fmt: skip
+    o = min(allowed, key=lambda o: (o.predicted.vram_bytes, ram(o)))
+    return (f"Nothing fits {have}: VRAM is short. The plan needing the least, {o.id}, needs "
+            f"{format_bytes(o.predicted.vram_bytes + margin)} of VRAM with the margin and {format_bytes(ram(o))} of RAM.")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -151,12 +177,17 @@ class _Context:
     profile: GpuProfile
     trace: "Trace"
     margin: int
+    _estimates: dict[str, Estimate] = field(default_factory=dict, compare=False, repr=False)
 
     def estimate(self, plan: Plan) -> Estimate:
-        return estimate(
-            plan, self.m, self.w, trace=self.trace, gpu=self.profile,
-            pageable_bytes_per_s=self.machine.pageable_bytes_per_s, pinned_bytes_per_s=self.machine.pinned_bytes_per_s,
-        )  # fmt: skip
+        """The plan's prediction, once per plan (the candidates and their options ask again)."""
+        key = plan.model_dump_json()
+        if key not in self._estimates:
+            self._estimates[key] = estimate(
+                plan, self.m, self.w, trace=self.trace, gpu=self.profile,
+                pageable_bytes_per_s=self.machine.pageable_bytes_per_s, pinned_bytes_per_s=self.machine.pinned_bytes_per_s,
+            )  # fmt: skip
+        return self._estimates[key]
 
 
 def _describe(profile: GpuProfile) -> str:
@@ -197,6 +228,10 @@ def candidates(context: _Context) -> list[Plan]:
         stream = {"use_stream": True, "low_cpu_mem_usage": low_cpu, "exclude": sorted({*stream_exclude, *small})}
         placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, **stream}})
         placements.append({"offload": "group_leaf", "group": stream})
+    # when host RAM is short: the groups on disk, read back as they run
+    disk = {"offload_to_disk": True, "exclude": sorted({*stream_exclude, *small})}
+    placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, "use_stream": True, **disk}})
+    placements.append({"offload": "group_leaf", "group": disk})
 
     cast = {"layerwise_casting": {"components": [denoiser]}}
     quants = [
@@ -207,9 +242,13 @@ def candidates(context: _Context) -> list[Plan]:
     ]
     raw: list[dict] = list(placements)
     raw += [{**cast, **p} for p in ({}, {"offload": "model"}, placements[3])]
+    # torchao's tensors move under group offloading (diffusers swaps their inner tensors); bitsandbytes' do not
+    grouped = [p for p in placements if p.get("offload", "").startswith("group") and not p["group"].get("offload_to_disk")]
     for backend, components in dict.fromkeys((b, tuple(c)) for b, c in quants):
-        for p in ({}, {"offload": "model"}):
-            raw.append({"quantize": {"backend": backend, "components": list(components)}, **p})
+        for p in ({}, {"offload": "model"}, *(grouped if backend == "torchao_int8wo" else [])):
+            for load in loading.LOADS:
+                if loading.worth_trying(backend, load, p.get("offload", "none")):
+                    raw.append({"quantize": {"backend": backend, "components": list(components)}, "load": load, **p})
     plans = [Plan.model_validate(p) for p in raw]
     plans = [_fill_groups(p, context) for p in plans]
 
@@ -271,6 +310,8 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
         reasons.append("The first call compiles the repeated blocks (a minute or more); later calls are faster.")
     if plan.grouped and plan.group_settings.use_stream:
         reasons.append(group_offload.STREAM_CAVEAT)
+    if plan.grouped and plan.group_settings.offload_to_disk:
+        reasons.append(group_offload.disk_note(plan, Weights.of(plan, context.m)))
     if plan.allocator == "default":
         reasons.append("Predicted for PyTorch's default caching allocator, which keeps freed blocks of every size "
                        "it saw; with expandable segments (Linux CUDA) the peak would be lower.")  # fmt: skip
@@ -292,14 +333,16 @@ def _score(o: Option, prefer: Preference) -> tuple:
     plan = Plan.model_validate(o.plan)
     cost = QUALITY_COST[plan.quantize.backend if plan.quantize else ("fp8_cast" if plan.layerwise_casting else None)]
     s = o.predicted.seconds
+    # equally fast plans (loading paths differ in memory, not in speed): the one with more room left first
+    room = (o.predicted.vram_bytes, max(o.predicted.ram_load_bytes, o.predicted.ram_run_bytes))
     if prefer == "speed":
-        return (s,)
+        return (s, *room)
     if prefer == "memory":
         return (o.predicted.vram_bytes, s)
     if prefer == "quality":
-        return (cost, s)
+        return (cost, s, *room)
     # balanced: a precision step is worth 10% of the time
-    return (s * (1 + 0.1 * cost),)
+    return (round(s * (1 + 0.1 * cost), 2), *room)
 
 
 def _excess(o: Option, machine: Machine) -> tuple:

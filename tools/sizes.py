@@ -23,6 +23,18 @@ def module_bytes(module: "torch.nn.Module", recurse: bool = True) -> int:
     return total
 
 
+def pinned_bytes(module: "torch.nn.Module") -> int:
+    """Host bytes of a pinned copy of each parameter and buffer: PyTorch's caching host allocator gives
+    every ``pin_memory()`` a block rounded up to a power of two (what group offloading with streams pins)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) not in seen and (size := tensor_bytes(tensor)):
+            seen.add(id(tensor))
+            total += 1 << (size - 1).bit_length()
+    return total
+
+
 def param_count(module: "torch.nn.Module") -> int:
     """Parameters, shared ones once (``Module.parameters`` already deduplicates)."""
     return sum(p.numel() for p in module.parameters())

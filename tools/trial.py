@@ -73,6 +73,9 @@ class TrialResult(BaseModel):
     peak_rss_bytes: int = Field(description="resident memory of the child's process tree at its peak")
     peak_rss_load_bytes: int | None = Field(None, description="the RSS peak before the first pipeline call: loading")
     peak_rss_run_bytes: int | None = Field(None, description="the RSS peak from the first pipeline call on")
+    peak_vram_load_bytes: int | None = Field(
+        None, description="the driver's peak before the first pipeline call: loading (recommend's 'load' stage)"
+    )
     step_seconds: list[float] = Field(description="the last pipeline call's steps; every call's are in calls")
     vram_cap_bytes: int | None = None
     oom: OomTriage | None = None
@@ -266,6 +269,7 @@ class _Run:
             peak_rss_run_bytes=max(
                 (v for phase, v in sampler.peak_rss_by_phase.items() if phase != "load"), default=None
             ),
+            peak_vram_load_bytes=sampler.peak_vram_by_phase.get("load"),
             vram_source=sampler.vram_source,
             vram_cap_bytes=self.vram_cap, ram_cap_bytes=self.ram_cap, patch_edits=self.patch_edits,
             exit_code=child.returncode, warnings=self.warnings + leftovers,

@@ -5,6 +5,7 @@ obey, and the code that applies it to a pipeline.
 - ``layerwise_casting``: fp8 storage of diffusers models' weights, upcast per layer.
 - ``offload``: where the pipeline lives: all on the device, model CPU offload, sequential offload.
 - ``group_offload``: the groups diffusers' group offloading really makes.
+- ``loading``: how quantized components load (on the GPU, in host RAM, or one at a time).
 - ``vae``: VAE tiling and slicing.
 - ``torch_compile``: regional (repeated blocks) or full torch.compile of the denoiser.
 - ``attention``: the attention backend of the denoiser.
@@ -72,6 +73,16 @@ class Weights:
             return 0
         return int((self.measured.components[name].largest_leaf_bytes or 0) * self._scale(name))
 
+    def converted_layer(self, plan: "Plan", name: str) -> int:
+        """The largest layer of ``name`` the plan converts, at full precision: what it holds dequantized
+        (or upcast) while that layer computes, or before it is quantized while loading."""
+        comp = self.measured.components[name]
+        if plan.quantize and name in plan.quantize.components:
+            backend = "torchao_int8wo" if plan.quantize.backend == "torchao_fp8wo" else plan.quantize.backend
+            return (comp.largest_quantized_layer_bytes or {}).get(backend, comp.largest_leaf_bytes or 0)
+        cast = plan.layerwise_casting is not None and name in plan.layerwise_casting.components
+        return (comp.largest_leaf_bytes or 0) if cast else 0
+
     def block_peak(self, name: str, key: str) -> int:
         """The most bytes of ``name`` block-level offloading holds at once (``key``: blocks per group, or
         "stream"), as stored under the plan; the whole component where it was not measured."""
@@ -123,3 +134,13 @@ def moved_per_step(trace: "Trace", weights: Weights, kept: set[str] = frozenset(
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: Weights, rates: Rates, steps: int, step_seconds: float) -> float:
     """Seconds per call the plan's offloading spends moving weights beyond the compute, by its placement module."""
     return plan.placement_module().transfer_seconds(plan, trace, weights, rates, steps, step_seconds)
+
+
+def host_bytes(plan: "Plan", weights: Weights, copy_per_byte: dict[str, float]) -> float:
+    """Host RAM the plan's placement holds while the pipeline runs, above the process's own."""
+    return plan.placement_module().host_bytes(plan, weights, copy_per_byte)
+
+
+def setup_host_bytes(plan: "Plan", weights: Weights, copy_per_byte: dict[str, float], on_device: list[str]) -> float:
+    """Host RAM the plan's placement takes when applied, with ``on_device`` already on the GPU."""
+    return plan.placement_module().setup_host_bytes(plan, weights, copy_per_byte, on_device)

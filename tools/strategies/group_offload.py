@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from . import Rates, Site, Weights
 
 GROUP_KINDS = {"group_block": "block_level", "group_leaf": "leaf_level"}
+DISK_FOLDER = "pipefit-offload"  # offload_to_disk_path, beside where the script runs
+# Reading the group files back, when the host's rate is unknown: a fast NVMe drive's sequential reads
+# (an assumption, said in the answer; nothing here measured it)
+ASSUMED_DISK_BYTES_PER_S = 2e9
 
 
 def block_level_groups(module: "torch.nn.Module", num_blocks_per_group: int = 1) -> list[int]:
@@ -170,8 +174,11 @@ def apply(plan: "Plan", site: "Site") -> Code:
             kwargs.append(f"{name}=True")
     if group.exclude:
         kwargs.append("exclude_modules=[" + ", ".join(f'"{c}"' for c in group.exclude) + "]")
+    if group.offload_to_disk:
+        kwargs.append(f'offload_to_disk_path="{DISK_FOLDER}"')
     resident = f", {', '.join(group.exclude)} resident" if group.exclude else ""
     streams = " with CUDA streams" if group.use_stream else ""
+    streams += f", weights in ./{DISK_FOLDER}" if group.offload_to_disk else ""
     return Code(
         (f"{site.pipe}.enable_group_offload({', '.join(kwargs)})",),
         ("import torch",),
@@ -215,7 +222,67 @@ def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "R
     group = plan.group_settings
     per_step, others = moved_per_step(trace, weights, set(group.exclude))
     eff, pageable, pinned = rates.efficiency, rates.pageable_bytes_per_s, rates.pinned_bytes_per_s
+    if group.offload_to_disk:  # every group read back from its file each time it runs
+        return (steps * per_step + others) / ASSUMED_DISK_BYTES_PER_S
     if group.use_stream and not group.low_cpu_mem_usage:
         return steps * max(0.0, per_step / pinned - step_seconds) + others / pinned
     rate = eff["stream_low_cpu_mem"] if group.use_stream else eff["group"]
     return (steps * per_step + others) / (rate * pageable)
+
+
+def disk_note(plan: "Plan", weights: "Weights") -> str:
+    """What a plan offloading to disk asks of the disk, said with its prediction."""
+    from ..units import format_bytes
+
+    offloaded = sum(weights.bytes[n] for n in _offloaded(plan, weights))
+    return (f"Writes the offloaded weights to ./{DISK_FOLDER} ({format_bytes(offloaded)} of disk) and reads them back "
+            f"every step; the time assumes {ASSUMED_DISK_BYTES_PER_S / 1e9:g} GB/s reads (not measured here).")  # fmt: skip
+
+
+def _offloaded(plan: "Plan", weights: "Weights") -> list[str]:
+    return [n for n in weights.bytes if n not in plan.group_settings.exclude]
+
+
+def _pinned(plan: "Plan", weights: "Weights") -> float:
+    """Pinned copies of the offloaded weights, each tensor's block a power of two (at the plan's sizes)."""
+    comps = weights.measured.components
+    return sum((comps[n].pinned_bytes or weights.bytes[n]) * weights.bytes[n] / max(comps[n].bytes or 1, 1)
+               for n in _offloaded(plan, weights))  # fmt: skip
+
+
+def host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float]) -> float:
+    """Host RAM above the process's own while the pipeline runs. With streams (and not low_cpu_mem_usage)
+    every offloaded tensor has a pinned copy, rounded up to a power of two by the caching host allocator;
+    otherwise the offloaded weights live in ordinary host memory, which each offload copies back into
+    (without streams) or which is pinned group by group on the fly (low_cpu_mem_usage)."""
+    group = plan.group_settings
+    if group.offload_to_disk:  # a few groups in flight, read from their files and pinned
+        return copy_per_byte["pinned"] * 3 * max((_largest_group(plan, weights, n) for n in _offloaded(plan, weights)), default=0)
+    if group.use_stream and not group.low_cpu_mem_usage:
+        return copy_per_byte["pinned"] * _pinned(plan, weights)
+    key = "group_low_cpu_mem" if group.use_stream else "group"
+    return copy_per_byte[key] * sum(weights.bytes[n] for n in _offloaded(plan, weights))
+
+
+def _largest_group(plan: "Plan", weights: "Weights", name: str) -> int:
+    if plan.offload == "group_leaf":
+        return weights.largest_leaf(name)
+    return weights.block_peak(name, "stream" if plan.group_settings.use_stream else str(plan.group_settings.num_blocks_per_group))
+
+
+def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
+    """Host RAM when group offloading is applied: the pinned copies, made at once beside the weights they
+    copy (read from their files); without them, components already on the GPU moved to host memory."""
+    from .loading import largest_file_bytes
+
+    group = plan.group_settings
+    offloaded = _offloaded(plan, weights)
+    if group.offload_to_disk:  # the weights are read from their files once to write the group files
+        comps = weights.measured.components
+        return max((largest_file_bytes(comps[n]) for n in offloaded), default=0)
+    if group.use_stream and not group.low_cpu_mem_usage:
+        comps = weights.measured.components
+        files = max((largest_file_bytes(comps[n]) for n in offloaded if n not in on_device), default=0)
+        return copy_per_byte["pinned"] * _pinned(plan, weights) + files
+    key = "group_low_cpu_mem" if group.use_stream else "group"
+    return copy_per_byte[key] * sum(weights.bytes[n] for n in on_device if n in offloaded)

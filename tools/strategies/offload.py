@@ -84,3 +84,23 @@ def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "R
         return 2 * weights.total / (rates.efficiency["model"] * rates.pageable_bytes_per_s)
     per_step, others = moved_per_step(trace, weights)
     return (steps * per_step + others) / (rates.efficiency["sequential"] * rates.pageable_bytes_per_s)
+
+
+def host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float]) -> float:
+    """Host RAM above the process's own while the pipeline runs: nothing when it all lives on the device;
+    every offloaded weight in anonymous memory once it has been to the GPU and back (model offload copies
+    it back each time: the host's allocator keeps more than the bytes), or read from its mmap (sequential)."""
+    if plan.offload == "none":
+        return 0.0
+    quantized = sum(b for n, b in weights.bytes.items() if plan.quantize and n in plan.quantize.components)
+    # bitsandbytes' weights come back with new quantization-state tensors each time: more churn per byte
+    key = "model_quantized" if plan.offload == "model" else plan.offload
+    return copy_per_byte[plan.offload] * (weights.total - quantized) + copy_per_byte.get(key, copy_per_byte[plan.offload]) * quantized
+
+
+def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
+    """Host RAM the placement takes when it is applied: components already on the GPU (quantized there
+    while loading) are copied once into host memory (measured: Flux nf4, 10.3 GiB moved, RSS 11.4 GiB)."""
+    if plan.offload == "none":
+        return 0.0
+    return float(sum(weights.bytes[n] for n in on_device))

@@ -109,6 +109,12 @@ def quantized_bytes(model: "torch.nn.Module", library: Library, backend: str) ->
     return total
 
 
+def largest_converted_bytes(model: "torch.nn.Module", library: Library, backend: str) -> int:
+    """The largest weight ``backend`` converts, at the model's dtype: what one layer holds dequantized
+    while it computes, or at full precision while it is quantized on load."""
+    return max((tensor_bytes(linear.weight) for _, linear in converted_linears(model, library, backend)), default=0)
+
+
 # The two functions below restate transformers 5.x's `quantizers.base.get_keys_to_not_convert` and
 # `quantizers.quantizers_utils.should_convert_module`: importing `transformers.quantizers` imports every
 # quantization backend (5 s here). tests/test_strategies.py compares them with the originals.
@@ -193,10 +199,6 @@ _BNB_KWARGS = {
     "bnb_nf4": {"load_in_4bit": "True", "bnb_4bit_quant_type": '"nf4"', "bnb_4bit_compute_dtype": "{dtype}"},
     "bnb_int8": {"load_in_8bit": "True"},
 }
-# Backends whose quantized models can move to the GPU after loading in host RAM (device_map="cpu").
-# bnb int8 cannot: loaded on the CPU, its matmul later runs on CPU tensors ("Expected a cuda device,
-# but got: cpu", measured on the H100, bench/results/patch-gpu-h100.txt), so it loads onto the GPU.
-LOADS_IN_HOST_RAM = frozenset({"bnb_nf4", "torchao_int8wo", "torchao_fp8wo"})
 _BNB_PIPELINE_BACKEND = {"bnb_nf4": "bitsandbytes_4bit", "bnb_int8": "bitsandbytes_8bit"}
 _TORCHAO_CONFIG = {"torchao_int8wo": "Int8WeightOnlyConfig", "torchao_fp8wo": "Float8WeightOnlyConfig"}
 _CONFIG_IMPORT = {

@@ -1,0 +1,87 @@
+"""Loading paths (plan.load) and host RAM: what each path holds where, on real pipelines' sizes, and
+the paths run for real on a tiny pipeline in a child process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tools.estimate import Workload, estimate, host_ram, load_coefficients
+from tools.measure import measure_components
+from tools.patch import patch_script
+from tools.plan import Plan
+from tools.strategies import Weights, loading
+
+GiB = 2**30
+NF4 = {"quantize": {"backend": "bnb_nf4", "components": ["transformer", "text_encoder_2"]}, "offload": "model"}
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    os.environ["PIPEFIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    return measure_components("builtin:flux1-dev")
+
+
+def _plan(load: str) -> Plan:
+    return Plan.model_validate({**NF4, "load": load})
+
+
+def test_each_path_holds_the_quantized_components_where_it_says(flux):
+    quantized = {n: flux.components[n].quantized_bytes["bnb_nf4"] for n in ("transformer", "text_encoder_2")}
+    by_load = {load: estimate(_plan(load), flux, Workload(steps=4)) for load in loading.LOADS}
+    stage = {load: next((s for s in e.stages if s.stage == "load"), None) for load, e in by_load.items()}
+    # device: both quantized components on the GPU at once, before model offload moves them
+    assert stage["device"].resident_bytes == sum(quantized.values()) and by_load["device"].peak_stage == "load"
+    # staged: one at a time (the larger); host: nothing on the GPU while loading
+    assert stage["staged"].resident_bytes == max(quantized.values()) and stage["host"] is None
+    assert by_load["staged"].vram_bytes == by_load["host"].vram_bytes < by_load["device"].vram_bytes
+    # host RAM: quantizing in RAM reads every quantized component at full precision
+    full = sum(flux.components[n].bytes for n in quantized)
+    assert by_load["host"].ram_load_bytes > full > by_load["staged"].ram_load_bytes > by_load["device"].ram_load_bytes
+    # once running, model offload holds the same quantized weights whichever way they loaded
+    assert by_load["device"].ram_run_bytes == by_load["staged"].ram_run_bytes
+
+
+def test_a_pinned_copy_costs_more_than_the_weights_and_disk_offload_almost_nothing(flux):
+    k = load_coefficients()
+    plans = {
+        "pinned": {"offload": "group_leaf", "group": {"use_stream": True, "exclude": ["vae"]}},
+        "low_cpu": {"offload": "group_leaf", "group": {"use_stream": True, "low_cpu_mem_usage": True, "exclude": ["vae"]}},
+        "disk": {"offload": "group_leaf", "group": {"offload_to_disk": True, "exclude": ["vae"]}},
+    }  # fmt: skip
+    ram = {name: host_ram(Plan.model_validate(p), Weights.of(Plan.model_validate(p), flux), k) for name, p in plans.items()}
+    transformer = flux.components["transformer"]
+    assert transformer.pinned_bytes > transformer.bytes  # each tensor's block rounded up to a power of two
+    assert ram["pinned"][1] > flux.total_bytes > ram["disk"][1] and ram["disk"][1] < 4 * GiB
+    assert ram["pinned"][0] > ram["pinned"][1]  # the pinned copies are made beside the weights they copy
+
+
+_SCRIPT = """\
+import torch
+from diffusers import FluxPipeline
+
+pipe = FluxPipeline.from_pretrained({folder!r}, torch_dtype=torch.bfloat16)
+pipe.to("cpu")
+image = pipe("a cat", height=64, width=64, num_inference_steps=2, output_type="np").images[0]
+print("ran", type(pipe.transformer.transformer_blocks[0].ff.net[2].weight).__name__)
+"""
+
+
+@pytest.mark.parametrize("plan", [
+    {"quantize": {"backend": "torchao_int8wo", "components": ["transformer", "text_encoder_2"]}, "load": "staged"},
+    {"offload": "group_leaf", "group": {"offload_to_disk": True, "exclude": ["vae"]}},
+], ids=["torchao_staged", "disk"])  # fmt: skip
+def test_the_patched_loading_runs_on_a_tiny_pipeline(tiny_dirs, tmp_path, plan):
+    """The code patch writes for staged loading (AutoModel per component, parked, passed to the
+    pipeline) and for disk offload runs: real from_pretrained, real quantizer, real hooks."""
+    script = tmp_path / "user_script.py"
+    script.write_text(_SCRIPT.format(folder=str(tiny_dirs["flux"])))
+    patched = patch_script(script, plan, output=tmp_path / "patched.py")
+    run = subprocess.run([sys.executable, patched.output_path], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    if "quantize" in plan:
+        assert "AutoModel.from_pretrained" in patched.source and "ran Int8Tensor" in run.stdout
+    else:
+        assert len(list((tmp_path / "pipefit-offload").glob("*.safetensors"))) > 10
