@@ -248,8 +248,11 @@ def _prepare_quantization(
     if at_load and plan.loading == "staged":
         source = _source_expression(info, creation)
         hub = {key: _kwarg_code(info, creation.loader, key) for key in loading.HUB_KWARGS}
-        names = {c: c if len(info.creations) == 1 else f"{_quant_var(info, creation).removesuffix('quantization_config')}{c}" for c in at_load}
-        work.staged = loading.staged_loads(plan.quantize, at_load, source, {k: v for k, v in hub.items() if v}, site, target, names)
+        # one pipeline: the component's own name; several: prefixed like their quantization configs
+        prefix = "" if len(info.creations) == 1 else _quant_var(info, creation).removesuffix("quantization_config")
+        names = {c: prefix + c for c in at_load}
+        hub = {key: value for key, value in hub.items() if value}
+        work.staged = loading.staged_loads(plan.quantize, at_load, source, hub, site, target, names)
         work.staged_kwargs = names
         work.imports += work.staged.imports
     elif at_load:

@@ -3,9 +3,11 @@
 Candidates are built from the pipeline's own components (the denoiser, the text encoders over
 1 GiB): full precision placed on the GPU, with model / sequential / group offloading (block level
 with as many blocks per group as fit, leaf level, with and without CUDA streams, with the small
-components kept resident), fp8 layerwise casting alone and with offloading, then bnb nf4 / int8 and
-torchao int8 / fp8 weight-only alone and with model offload; VAE tiling where the decode is the
-peak, regional compile and an installed attention backend as speed variants. Each is checked
+components kept resident, and to disk for hosts short of RAM), fp8 layerwise casting alone and with
+offloading, then bnb nf4 / int8 and torchao int8 / fp8 weight-only alone and with model offload
+(torchao int8 with group offloading too), each in every loading path its backend allows (on the
+GPU, in host RAM, or one component at a time); VAE tiling where the decode is the peak, regional
+compile and an installed attention backend as speed variants. Each is checked
 against the compatibility rules (tools/strategies) and predicted by tools/estimate.
 """
 
