@@ -51,12 +51,12 @@ skill://pipefit/ resources; the fix-oom prompt starts the loop from a traceback.
 server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING")
 
 
-def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_world: bool = False):
+def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_world: bool = False, destructive: bool = False):
     """Register an async tool with its docstring, dedented, as the description agents read."""
 
     def register(fn):
         annotations = ToolAnnotations(
-            title=title, read_only_hint=read_only, destructive_hint=False if not read_only else None,
+            title=title, read_only_hint=read_only, destructive_hint=destructive if not read_only else None,
             idempotent_hint=idempotent, open_world_hint=open_world,
         )  # fmt: skip
         return server.tool(title=title, description=inspect.cleandoc(fn.__doc__), annotations=annotations)(fn)
@@ -127,7 +127,7 @@ async def detect_hardware(
     return await _call(None, run, bandwidth=bandwidth)
 
 
-@_tool(title="Measure a pipeline's components")
+@_tool(title="Measure a pipeline's components", open_world=True)  # a hub id reads the Hub
 async def measure_components(
     model: Annotated[str, Field(description="hub id, local diffusers folder, hub cache entry, or builtin:NAME")],
     ctx: Context,
@@ -147,7 +147,7 @@ async def measure_components(
     return await _call(ctx, run, model, dtype=dtype, cache=not refresh)
 
 
-@_tool(title="Recommend a strategy")
+@_tool(title="Recommend a strategy", open_world=True)  # a hub id reads the Hub
 async def recommend(
     model: Annotated[str, Field(description="as for measure_components")],
     ctx: Context,
@@ -187,26 +187,32 @@ async def recommend(
     return await _call(ctx, work)
 
 
-@_tool(title="Patch a script to apply a plan", read_only=False)
+@_tool(title="Patch a script to apply a plan", read_only=False, destructive=True)
 async def patch_script(
     script: Annotated[str, Field(description="path of the user's Python script")],
     plan: Annotated[dict | str, Field(description="a plan from recommend (JSON object)")],
-    output: Annotated[str | None, Field(description="write the patched script here; omit to write nothing")] = None,
+    output: Annotated[
+        str | None, Field(description="write the patched script here (relative: beside the script); omit to write nothing")
+    ] = None,
+    overwrite: Annotated[
+        bool, Field(description="replace output if it exists; replacing the script itself keeps SCRIPT.bak")
+    ] = False,
 ) -> PatchResult:
     """Rewrite the user's script on its syntax tree so it applies the plan: quantization configs,
     offloading, fp8 casting, VAE tiling, compile. Returns the new source, a unified diff and the
     edits in words. Writes nothing unless output is given (show the diff to the user first; write
-    to a new file unless they ask to replace theirs). Refuses, writing nothing, when the script does
-    not parse, builds no pipeline, or the plan breaks a compatibility rule; the message says which.
+    to a new file unless they ask to replace theirs). An existing output is refused unless overwrite
+    is true; replacing the script itself keeps SCRIPT.bak. Refuses, writing nothing, when the script
+    does not parse, builds no pipeline, or the plan breaks a compatibility rule; the message says which.
 
     Next: run_trial with the script and the plan (or the written output) to prove it.
     """
     from tools.patch import patch_script as run
 
-    return await _call(None, run, script, plan, output=output)
+    return await _call(None, run, script, plan, output=output, overwrite=overwrite)
 
 
-@_tool(title="Run a trial", read_only=False, idempotent=False)
+@_tool(title="Run a trial", read_only=False, idempotent=False, destructive=True, open_world=True)  # the user's code
 async def run_trial(
     script: Annotated[str, Field(description="path of the Python script to run")],
     ctx: Context,

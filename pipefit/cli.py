@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tools.errors import PipefitError
 from tools.model_source import builtin_examples
@@ -85,8 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("script", metavar="SCRIPT")
     patch.add_argument("--plan", required=True, metavar="PLAN")
     where = patch.add_mutually_exclusive_group()
-    where.add_argument("-o", "--output", metavar="OUT", help="write the patched script here (may be SCRIPT itself)")
+    where.add_argument("-o", "--output", metavar="OUT", help="write the patched script here (a new file; see --force)")
     where.add_argument("--diff", action="store_true", help="print only the unified diff (for `patch -p1`/`git apply`)")
+    patch.add_argument("--force", action="store_true",
+                       help="replace OUT if it exists (OUT may be SCRIPT itself: a backup SCRIPT.bak is kept)")
     patch.add_argument("--json", action="store_true", help="machine-readable output")
     patch.set_defaults(run=_patch)
 
@@ -206,7 +209,9 @@ def _triage(args: argparse.Namespace) -> int:
 def _patch(args: argparse.Namespace) -> int:
     from tools.patch import patch_script
 
-    result = patch_script(args.script, args.plan, output=args.output)
+    # OUT is a path as typed in the shell: relative to where the command runs
+    output = Path(args.output).expanduser().absolute() if args.output else None
+    result = patch_script(args.script, args.plan, output=output, overwrite=args.force)
     if args.diff and not args.json:
         sys.stdout.write(result.diff)
         return 0

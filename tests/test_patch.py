@@ -304,6 +304,27 @@ def _cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "pipefit", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def test_writes_only_new_files_unless_told_and_then_keeps_a_backup(tmp_path):
+    script = tmp_path / "gen.py"
+    original = (SCRIPTS / "flux_chained_to.py").read_text()
+    script.write_text(original)
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    with pytest.raises(PipefitError, match="exists; nothing was written"):
+        patch_script(script, {"offload": "model"}, output=other)
+    assert other.read_text() == "mine"
+    # a relative output lands beside the script, and the answer says where, absolutely
+    result = patch_script(str(script), {"offload": "model"}, output="gen_fit.py")
+    assert result.output_path == str(tmp_path / "gen_fit.py") and Path(result.output_path).read_text() == result.source
+    replaced = patch_script(script, {"offload": "model"}, output=script, overwrite=True)
+    again = patch_script(script, {"offload": "sequential"}, output=script, overwrite=True)
+    assert (tmp_path / "gen.py.bak").read_text() == original and (tmp_path / "gen.py.bak1").read_text() == replaced.source
+    assert script.read_text() == again.source
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # written whole, through a renamed temporary
+    with pytest.raises(PipefitError, match="does not exist"):
+        patch_script(script, {"offload": "model"}, output=tmp_path / "no" / "such.py")
+
+
 def test_cli_shows_a_diff_writes_with_o_and_reports_json(tmp_path):
     script = tmp_path / "gen.py"
     original = (SCRIPTS / "flux_device_var.py").read_text()
@@ -319,8 +340,12 @@ def test_cli_shows_a_diff_writes_with_o_and_reports_json(tmp_path):
     data = json.loads(_cli("patch", "gen.py", "--plan", str(plan), "--json", cwd=tmp_path).stdout)
     assert set(data) >= {"changed", "source", "diff", "edits", "warnings"} and data["changed"]
 
-    written = _cli("patch", "gen.py", "--plan", str(plan), "-o", "gen.py", cwd=tmp_path)  # explicit: in place
+    refused = _cli("patch", "gen.py", "--plan", str(plan), "-o", "gen.py", cwd=tmp_path)  # an existing file
+    assert refused.returncode != 0 and "exists" in refused.stderr and "--force" in refused.stderr
+    assert script.read_text() == original and "Traceback" not in refused.stderr
+    written = _cli("patch", "gen.py", "--plan", str(plan), "-o", "gen.py", "--force", cwd=tmp_path)  # in place
     assert written.returncode == 0 and script.read_text() == data["source"]
+    assert (tmp_path / "gen.py.bak").read_text() == original  # the script as it was
     again = _cli("patch", "gen.py", "--plan", str(plan), cwd=tmp_path)
     assert "already applies the plan" in again.stdout
 

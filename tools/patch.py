@@ -8,8 +8,8 @@ pipeline; load-time choices (quantization, ``device_map``) go into the ``from_pr
 The code each strategy adds comes from its module in ``tools/strategies/``. Applying the same
 plan twice changes nothing the second time.
 
-Nothing is written unless an output path is given; the input is overwritten only when that path
-is the input itself, given explicitly.
+Nothing is written unless an output path is given, and an existing file is replaced only when asked
+(the script itself keeps a backup).
 """
 
 from __future__ import annotations
@@ -45,13 +45,16 @@ class PatchResult(BaseModel):
 
 
 def patch_script(
-    script: str | Path, plan: str | dict | Plan, output: str | Path | None = None
+    script: str | Path, plan: str | dict | Plan, output: str | Path | None = None, overwrite: bool = False
 ) -> PatchResult:
     """Rewrite the script at ``script`` so it applies ``plan``; write it to ``output`` if given.
 
     ``plan`` is a Plan, a dict, inline JSON or a JSON file path. Returns the new source, a unified
     diff and the edits in words. Refuses (PipefitError, nothing written) when the script does not
-    parse, builds no pipeline, or the plan breaks a compatibility rule.
+    parse, builds no pipeline, or the plan breaks a compatibility rule. A relative ``output`` is
+    resolved against the script's folder. An existing ``output`` is replaced only with ``overwrite``;
+    replacing the script itself keeps a copy of it first (``NAME.py.bak``, numbered if taken). The
+    file is written whole or not at all (a temporary file, then renamed).
     """
     path = Path(script).expanduser()
     try:
@@ -60,12 +63,38 @@ def patch_script(
         raise PipefitError(f"Cannot read the script {str(script)!r}: {exc.strerror}.", "Check the path.") from None
     result = patch_source(source, plan, filename=path.name)
     if output is not None:
-        out = Path(output).expanduser()
-        if out.is_dir():
-            raise PipefitError(f"The output {str(output)!r} is a folder.", "Give a file path, e.g. script_fit.py.")
-        out.write_text(result.source, encoding="utf-8")
-        result.output_path = str(out)
+        result.output_path = str(_write(path, Path(output).expanduser(), result.source, overwrite))
     return result
+
+
+def _write(script: Path, output: Path, text: str, overwrite: bool) -> Path:
+    """Write ``text`` to ``output`` (relative: beside the script) atomically, as patch_script promises."""
+    import os
+    import tempfile
+
+    out = (output if output.is_absolute() else script.resolve().parent / output).resolve()
+    if out.is_dir():
+        raise PipefitError(f"The output {str(output)!r} is a folder.", "Give a file path, e.g. script_fit.py.")
+    if not out.parent.is_dir():
+        raise PipefitError(f"The output's folder {str(out.parent)!r} does not exist.", "Create it, or write elsewhere.")
+    if out.exists() and not overwrite:
+        raise PipefitError(
+            f"{str(out)!r} exists; nothing was written.",
+            "Choose a new file, or pass overwrite (CLI: --force) to replace it"
+            + (" (a backup of the script is kept)." if out == script.resolve() else "."),
+        )
+    if out.exists() and out == script.resolve():
+        backup = next(p for n in range(1000) if not (p := out.with_name(out.name + (".bak" if not n else f".bak{n}"))).exists())
+        backup.write_bytes(out.read_bytes())
+    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return out
 
 
 def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.py") -> PatchResult:
