@@ -253,14 +253,14 @@ async def triage_oom(
 
     Next: detect_hardware, then recommend with the model and workload it found.
     """
+    from tools.files import read_user_text
     from tools.triage import triage_oom as run
 
-    if script is None and script_path is not None:
-        try:
-            script = Path(script_path).expanduser().read_text(encoding="utf-8", errors="replace")
-        except OSError as exc:
-            raise ToolError(f"Cannot read the script {script_path!r}: {exc.strerror}. Check the path.") from None
-    return await _call(None, run, text, script=script)
+    def work():  # in a worker thread: a slow or odd file never holds the server
+        source = script if script is not None or script_path is None else read_user_text(script_path, "script", errors="replace")
+        return run(text, script=source)
+
+    return await _call(None, work)
 
 
 def _register_skill_resources() -> None:

@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pipefit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): the rest goes nowhere, quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         "triage_oom, the skill's docs as skill://pipefit/ resources and the fix-oom prompt. Register it with "
         "Claude Code: claude mcp add pipefit -- pipefit serve",
     )
-    serve.add_argument("--http", type=int, metavar="PORT", help="serve streamable HTTP on 127.0.0.1:PORT/mcp")
+    serve.add_argument("--http", type=_port, metavar="PORT", help="serve streamable HTTP on 127.0.0.1:PORT/mcp")
     serve.set_defaults(run=_serve)
 
     install = commands.add_parser(
@@ -233,9 +238,23 @@ def _trial(args: argparse.Namespace) -> int:
     return 0 if result.outcome == "ok" else EXIT_RUN_FAILED
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return int(text)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import socket
+
     from mcp_server.__main__ import serve
 
+    if args.http is not None:  # a port someone else holds: say so before the server starts
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", args.http))
+            except OSError as exc:
+                raise PipefitError(f"Cannot serve on 127.0.0.1:{args.http}: {exc.strerror}.", "Pick another --http PORT.") from None
     serve(args.http)
     return 0
 
@@ -260,7 +279,6 @@ def _show(result, as_json: bool, view: str, *context) -> int:
 
 
 def _read_text(path: str, what: str) -> str:
-    try:
-        return open(path, encoding="utf-8", errors="replace").read()
-    except OSError as exc:
-        raise PipefitError(f"Cannot read the {what} {path!r}: {exc.strerror}.", "Check the path, or pass - for stdin.")
+    from tools.files import read_user_text
+
+    return read_user_text(path, what, errors="replace")

@@ -162,6 +162,9 @@ BAD_INPUT = [
     ("run_trial", {"script": "/no/such/script.py"}, "Pass the path"),
     ("run_trial", {"script": str(TRIAL / "exits.py"), "timeout": -1}, "timeout"),
     ("triage_oom", {"text": TRACEBACK, "script_path": "/no/such/script.py"}, "Check the path"),
+    ("triage_oom", {"text": TRACEBACK, "script_path": "/dev/zero"}, "not a regular file"),  # would never end
+    ("patch_script", {"script": str(FIXTURES / "scripts" / "flux_chained_to.py"), "plan": {"offload": "model"},
+                      "output": str(FIXTURES / "scripts" / "sdxl_docs.py")}, "exists; nothing was written"),
 ]
 
 

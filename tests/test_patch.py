@@ -323,6 +323,10 @@ def test_writes_only_new_files_unless_told_and_then_keeps_a_backup(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # written whole, through a renamed temporary
     with pytest.raises(PipefitError, match="does not exist"):
         patch_script(script, {"offload": "model"}, output=tmp_path / "no" / "such.py")
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(PipefitError, match="not a UTF-8 text file"):
+        patch_script(binary, {"offload": "model"})
 
 
 def test_cli_shows_a_diff_writes_with_o_and_reports_json(tmp_path):

@@ -24,6 +24,7 @@ import libcst as cst
 from pydantic import BaseModel, Field
 
 from .errors import PipefitError
+from .files import read_user_text
 from .plan import Plan, Target, check_plan, parse_plan
 from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
 from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
@@ -57,10 +58,7 @@ def patch_script(
     file is written whole or not at all (a temporary file, then renamed).
     """
     path = Path(script).expanduser()
-    try:
-        source = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PipefitError(f"Cannot read the script {str(script)!r}: {exc.strerror}.", "Check the path.") from None
+    source = read_user_text(path, "script")
     result = patch_source(source, plan, filename=path.name)
     if output is not None:
         result.output_path = str(_write(path, Path(output).expanduser(), result.source, overwrite))

@@ -120,8 +120,8 @@ def recommend(
         raise PipefitError(f"Unknown preference {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
     workload = workload or Workload()
     say = progress or (lambda message: None)
+    machine = _machine(vram, ram, gpu)  # first: a mistyped size is an answer in milliseconds
     measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)
-    machine = _machine(vram, ram, gpu)
     profile = gpu_profile(machine.gpu)
     k = load_coefficients()
     margin = int(k.margin_fraction * machine.vram_bytes)

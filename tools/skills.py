@@ -45,8 +45,11 @@ def install_skills(target: str | Path | None = None, force: bool = False) -> Ski
     """Copy the pipefit skill into ``target``/pipefit (default ``.claude/skills``, Claude Code's project
     skills folder). An existing pipefit folder there is replaced only when identical or with ``force``."""
     source = skill_dir()
-    dest = Path(target if target is not None else DEFAULT_TARGET).expanduser().resolve() / SKILL_NAME
+    root = Path(target if target is not None else DEFAULT_TARGET).expanduser().resolve()
+    dest = root / SKILL_NAME
     files = skill_files()
+    if root.exists() and not root.is_dir():
+        raise PipefitError(f"The target {str(root)!r} is a file, not a folder.", "Pass a folder as --target.")
     if dest.exists() and not dest.is_dir():
         raise PipefitError(f"{dest} exists and is not a folder.", "Pass another --target.")
     if dest.is_dir():

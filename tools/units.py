@@ -18,16 +18,29 @@ GiB = 2**30
 
 
 def parse_size(text: str | int) -> int:
-    """Parse a size such as ``16GiB``, ``24GB``, ``12G`` (G means GiB) or a plain byte count."""
+    """Parse a size such as ``16GiB``, ``24GB``, ``12G`` (G means GiB), ``1024B``; an int is bytes.
+
+    Text needs a unit: a bare ``16`` would be 16 bytes, never what anyone planning a GPU meant. A
+    size must be more than zero.
+    """
     if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
-        raise PipefitError(
-            f"Cannot read the size {text!r}.", "Write a number with a unit, e.g. 16GiB, 24GB or 12G (G = GiB)."
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
+        size = text
+    else:
+        match = _SIZE.match(text)
+        unit = match.group(2).upper() if match else None
+        if match is not None and unit == "":
+            raise PipefitError(
+                f"The size {text!r} has no unit.",
+                f"Write {text}GiB ({text} x 2^30 bytes), {text}GB ({text} x 10^9) or {text}B for bytes.",
+            )
+        if match is None or unit not in _UNITS:
+            raise PipefitError(
+                f"Cannot read the size {text!r}.", "Write a number with a unit, e.g. 16GiB, 24GB or 12G (G = GiB)."
+            )
+        size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise PipefitError(f"The size {text!r} is not more than zero.", "Give a size such as 16GiB.")
+    return size
 
 
 def format_bytes(n: int | None) -> str:
