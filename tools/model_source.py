@@ -49,6 +49,16 @@ def builtin_examples() -> list[str]:
     return sorted(p.name for p in EXAMPLES_DIR.iterdir() if (p / "model_index.json").is_file())
 
 
+def builtin_hub_id(model: str) -> str | None:
+    """The Hub repository a built-in's configs were written from (``_hub_id`` in its model_index.json):
+    the id a user's code loads."""
+    name = model.removeprefix(BUILTIN_PREFIX)
+    index = EXAMPLES_DIR / name / "model_index.json"
+    if not model.startswith(BUILTIN_PREFIX) or not index.is_file():
+        return None
+    return json.loads(index.read_text()).get("_hub_id")
+
+
 def resolve_pipeline(model: str, progress: Callable[[str], None] | None = None) -> PipelineSource:
     """Turn MODEL into a local folder with model_index.json, or raise PipefitError naming the fix."""
     return read_pipeline_folder(model, _locate(model, progress))

@@ -328,7 +328,14 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
 
 
 def _components_suffix(plan: Plan) -> str:
-    return f"({','.join(plan.quantize.components)})" if plan.quantize else ""
+    """What the signature leaves out and options differ by: the quantized components, the blocks per
+    group, the components group offloading keeps resident (so every option's id is its own)."""
+    suffix = f"({','.join(plan.quantize.components)})" if plan.quantize else ""
+    if plan.offload == "group_block" and plan.group_settings.num_blocks_per_group > 1:
+        suffix += f"[{plan.group_settings.num_blocks_per_group} blocks]"
+    if plan.grouped and plan.group_settings.exclude:
+        suffix += f"[resident: {','.join(plan.group_settings.exclude)}]"
+    return suffix
 
 
 def _score(o: Option, prefer: Preference) -> tuple:
@@ -365,7 +372,10 @@ def plan_code(plan: Plan, m: PipelineMeasurement) -> str:
 
 
 def _repo(m: PipelineMeasurement) -> str:
-    return m.model.removeprefix("builtin:")
+    """What the code should load: a built-in's Hub repository, else the model as given."""
+    from .model_source import builtin_hub_id
+
+    return builtin_hub_id(m.model) or m.model.removeprefix("builtin:")
 
 
 def _machine(vram: str | int | None, ram: str | int | None, gpu: str | None = None) -> Machine:
