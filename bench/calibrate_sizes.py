@@ -86,7 +86,7 @@ def load_and_measure(library: str, class_name: str, dest: str, backend: str, dev
     seconds = time.perf_counter() - start
     done.set()
     sampler.join()
-    from tools.sizes import loaded_bytes
+    from pipefit.tools.sizes import loaded_bytes
 
     return {
         "measured_bytes": torch.cuda.memory_allocated() if on_cuda else None,
@@ -140,8 +140,8 @@ def main() -> None:
             print(json.dumps(load_and_measure(*rest, args.device)))
         return
 
-    from tools.measure import measure_components
-    from tools.model_source import resolve_pipeline
+    from pipefit.tools.measure import measure_components
+    from pipefit.tools.model_source import resolve_pipeline
 
     command = " ".join([Path(sys.executable).name, *sys.argv])
     source = resolve_pipeline(args.model)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from provenance import provenance  # noqa: E402
 
-from tools.trial import run_trial  # noqa: E402
+from pipefit.tools.trial import run_trial  # noqa: E402
 
 PLANS = Path(__file__).with_name("calibration_plans.json")
 # class-name prefix -> plan set: sdxl (a UNet, two CLIPs), flux (transformer + CLIP + T5 as text_encoder_2),

@@ -23,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.estimate import Workload, call_seconds, conv_kind, denoiser_of, estimate, trace_for  # noqa: E402
-from tools.gpus import PROFILES, gpu_profile  # noqa: E402
-from tools.measure import measure_components  # noqa: E402
-from tools.plan import parse_plan  # noqa: E402
+from pipefit.tools.estimate import Workload, call_seconds, conv_kind, denoiser_of, estimate, trace_for  # noqa: E402
+from pipefit.tools.gpus import PROFILES, gpu_profile  # noqa: E402
+from pipefit.tools.measure import measure_components  # noqa: E402
+from pipefit.tools.plan import parse_plan  # noqa: E402
 
 GiB = 2**30
 
@@ -147,8 +147,8 @@ def host_terms(runs: list[dict], k) -> dict:
     the median over the runs that use it of (measured - predicted without it) / (its bytes)."""
     from statistics import median
 
-    from tools.estimate import host_ram
-    from tools.strategies import Weights
+    from pipefit.tools.estimate import host_ram
+    from pipefit.tools.strategies import Weights
 
     def ram(r, base, per_byte):
         coefficients = k.model_copy(update={"ram_base_bytes": base, "ram_copy_per_byte": per_byte})
@@ -214,7 +214,7 @@ def main() -> None:
         data["profiles"][profile.name] = profile.model_dump()
         data["about"] = f"python bench/fit_gpu.py --write over {', '.join(str(p.relative_to(ROOT)) for p in args.runs)}"
         PROFILES.write_text(json.dumps(data, indent=1) + "\n")
-    from tools.estimate import CALIBRATION, load_coefficients
+    from pipefit.tools.estimate import CALIBRATION, load_coefficients
 
     k = load_coefficients().model_copy(update=host_terms(runs, load_coefficients()))
     k = k.model_copy(update=transfer_terms(runs, k))
@@ -255,7 +255,7 @@ def main() -> None:
               f" {e.ram_run_bytes / GiB:8.2f} {(r['peak_rss_run_bytes'] or 0) / GiB:6.2f}")  # fmt: skip
         call_errors.append((e.seconds - r["seconds"]) / r["seconds"])
     if args.write:  # which families and plans ran here (basis "measured"), the margin kept free, the host's terms
-        from tools.estimate import signature
+        from pipefit.tools.estimate import signature
 
         calibration = json.loads(CALIBRATION.read_text())
         calibration.update(ram_base_bytes=k.ram_base_bytes, ram_copy_per_byte=k.ram_copy_per_byte,

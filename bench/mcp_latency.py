@@ -2,7 +2,7 @@
 
     python bench/mcp_latency.py --repeat 3 --out bench/results/mcp-latency-cpu.jsonl
 
-Per run: seconds from spawning ``python -m mcp_server`` to the tool list (start-up), then three
+Per run: seconds from spawning ``python -m pipefit.mcp_server`` to the tool list (start-up), then three
 recommend calls for builtin:flux1-dev at 1024 px on a 16 GiB / 64 GiB budget (the first measures the
 pipeline and imports what it needs, the others answer from the server's warm state), and the
 triage_oom call on a traceback. Prints the medians.
@@ -34,7 +34,7 @@ ADVICE = {"model": "builtin:flux1-dev", "vram": "16GiB", "ram": "64GiB"}
 async def one_run(cache: str) -> dict:
     env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_server"], cwd=str(ROOT),
+        command=sys.executable, args=["-m", "pipefit.mcp_server"], cwd=str(ROOT),
         env={**env, "HF_HUB_OFFLINE": "1", "PIPEFIT_CACHE_DIR": cache},
     )  # fmt: skip
     started = time.perf_counter()

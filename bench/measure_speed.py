@@ -38,7 +38,7 @@ def _timed(argv: list[str], env: dict[str, str]) -> float:
 
 
 def _import_statement(model: str) -> str:
-    from tools.model_source import resolve_pipeline
+    from pipefit.tools.model_source import resolve_pipeline
 
     lines = ["import torch"]
     for comp in resolve_pipeline(model).components:
@@ -56,7 +56,7 @@ def main() -> None:
 
     import importlib.metadata
 
-    from tools.measure import measure_components
+    from pipefit.tools.measure import measure_components
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", PIPEFIT_CACHE_DIR=tempfile.mkdtemp(prefix="pipefit-bench-"))
     pipefit = [sys.executable, "-m", "pipefit", "measure"]

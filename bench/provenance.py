@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.hardware import detect_hardware, installed_versions  # noqa: E402
+from pipefit.tools.hardware import detect_hardware, installed_versions  # noqa: E402
 
 
 def provenance() -> dict:

@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path)
     args = parser.parse_args()
 
-    from tools.measure import measure_components
-    from tools.units import format_bytes
+    from pipefit.tools.measure import measure_components
+    from pipefit.tools.units import format_bytes
 
     latest: dict[tuple[str, str, str], dict] = {}
     for path in args.results:

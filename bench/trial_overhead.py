@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from provenance import provenance  # noqa: E402
 
-from tools import trial_runner  # noqa: E402
-from tools.trial import run_trial  # noqa: E402
+from pipefit.tools import trial_runner  # noqa: E402
+from pipefit.tools.trial import run_trial  # noqa: E402
 
 _CALL = re.compile(r"call (\d+): ([\d.]+) s")
 

@@ -1,1 +1,1 @@
-"""pipefit's MCP server: ``python -m mcp_server`` or ``pipefit serve`` (stdio), ``--http PORT`` for HTTP."""
+"""pipefit's MCP server: ``python -m pipefit.mcp_server`` or ``pipefit serve`` (stdio), ``--http PORT`` for HTTP."""

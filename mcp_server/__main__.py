@@ -1,4 +1,4 @@
-"""``python -m mcp_server [--http PORT]``: serve pipefit's tools over stdio, or HTTP on localhost."""
+"""``python -m pipefit.mcp_server [--http PORT]``: serve pipefit's tools over stdio, or HTTP on localhost."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mcp_server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipefit.mcp_server", description=__doc__.splitlines()[0])
     parser.add_argument("--http", type=int, metavar="PORT", help="streamable HTTP on 127.0.0.1:PORT/mcp")
     serve(parser.parse_args(argv).http)
 

@@ -26,14 +26,14 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field, ValidationError
 
-from tools.errors import PipefitError
-from tools.hardware import HardwareReport
-from tools.measure import PipelineMeasurement
-from tools.patch import PatchResult
-from tools.recommend import Recommendation
-from tools.skills import skill_dir, skill_files
-from tools.triage import OomTriage
-from tools.trial import TrialResult
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.hardware import HardwareReport
+from pipefit.tools.measure import PipelineMeasurement
+from pipefit.tools.patch import PatchResult
+from pipefit.tools.recommend import Recommendation
+from pipefit.tools.skills import skill_dir, skill_files
+from pipefit.tools.triage import OomTriage
+from pipefit.tools.trial import TrialResult
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ async def detect_hardware(
 
     Call it before recommend, which plans for the free VRAM and usable RAM it reports.
     """
-    from tools.hardware import detect_hardware as run
+    from pipefit.tools.hardware import detect_hardware as run
 
     return await _call(None, run, bandwidth=bandwidth)
 
@@ -142,7 +142,7 @@ async def measure_components(
 
     Next: recommend (it measures on its own; call this to show the user the components).
     """
-    from tools.measure import measure_components as run
+    from pipefit.tools.measure import measure_components as run
 
     return await _call(ctx, run, model, dtype=dtype, cache=not refresh)
 
@@ -177,8 +177,8 @@ async def recommend(
 
     Next: patch_script with the chosen option's plan.
     """
-    from tools.estimate import Workload
-    from tools.recommend import recommend as run
+    from pipefit.tools.estimate import Workload
+    from pipefit.tools.recommend import recommend as run
 
     def work(progress: Callable[[str], None]) -> Recommendation:
         workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
@@ -207,7 +207,7 @@ async def patch_script(
 
     Next: run_trial with the script and the plan (or the written output) to prove it.
     """
-    from tools.patch import patch_script as run
+    from pipefit.tools.patch import patch_script as run
 
     return await _call(None, run, script, plan, output=output, overwrite=overwrite)
 
@@ -232,7 +232,7 @@ async def run_trial(
     Next: compare with recommend's prediction; on an OOM or a miss, recommend again with a smaller
     vram or ram, or pick the next option.
     """
-    from tools.trial import run_trial as run
+    from pipefit.tools.trial import run_trial as run
 
     return await _call(
         ctx, run, script, plan, args=list(args), vram_cap=vram_cap, ram_cap=ram_cap, timeout=timeout, cwd=cwd,
@@ -253,8 +253,8 @@ async def triage_oom(
 
     Next: detect_hardware, then recommend with the model and workload it found.
     """
-    from tools.files import read_user_text
-    from tools.triage import triage_oom as run
+    from pipefit.tools.files import read_user_text
+    from pipefit.tools.triage import triage_oom as run
 
     def work():  # in a worker thread: a slow or odd file never holds the server
         source = script if script is not None or script_path is None else read_user_text(script_path, "script", errors="replace")

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.errors import PipefitError
-from tools.model_source import builtin_examples
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.model_source import builtin_examples
 
 from .quiet import quiet_third_party_imports
 
@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _detect(args: argparse.Namespace) -> int:
-    from tools.hardware import detect_hardware
+    from pipefit.tools.hardware import detect_hardware
 
     return _show(detect_hardware(bandwidth=args.bandwidth), args.json, "hardware")
 
@@ -171,7 +171,7 @@ def _detect(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tools.measure import measure_components
+    from pipefit.tools.measure import measure_components
 
     quiet_third_party_imports()
     status = Console(stderr=True)
@@ -185,8 +185,8 @@ def _measure(args: argparse.Namespace) -> int:
 def _recommend(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tools.estimate import Workload
-    from tools.recommend import recommend
+    from pipefit.tools.estimate import Workload
+    from pipefit.tools.recommend import recommend
 
     quiet_third_party_imports()  # recommend measures, as `pipefit measure` does
 
@@ -204,7 +204,7 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _triage(args: argparse.Namespace) -> int:
-    from tools.triage import triage_oom
+    from pipefit.tools.triage import triage_oom
 
     text = sys.stdin.read() if args.file == "-" else _read_text(args.file, "log")
     script = _read_text(args.script, "script") if args.script else None
@@ -212,7 +212,7 @@ def _triage(args: argparse.Namespace) -> int:
 
 
 def _patch(args: argparse.Namespace) -> int:
-    from tools.patch import patch_script
+    from pipefit.tools.patch import patch_script
 
     # OUT is a path as typed in the shell: relative to where the command runs
     output = Path(args.output).expanduser().absolute() if args.output else None
@@ -226,7 +226,7 @@ def _patch(args: argparse.Namespace) -> int:
 def _trial(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from tools.trial import run_trial
+    from pipefit.tools.trial import run_trial
 
     limit = {} if args.timeout is None else {"timeout": args.timeout or None}
     with Console(stderr=True).status("Starting", spinner="dots") as spinner:
@@ -247,7 +247,7 @@ def _port(text: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import socket
 
-    from mcp_server.__main__ import serve
+    from pipefit.mcp_server.__main__ import serve
 
     if args.http is not None:  # a port someone else holds: say so before the server starts
         with socket.socket() as probe:
@@ -260,7 +260,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _install_skills(args: argparse.Namespace) -> int:
-    from tools.skills import install_skills
+    from pipefit.tools.skills import install_skills
 
     return _show(install_skills(args.target, force=args.force), args.json, "skill_install")
 
@@ -279,6 +279,6 @@ def _show(result, as_json: bool, view: str, *context) -> int:
 
 
 def _read_text(path: str, what: str) -> str:
-    from tools.files import read_user_text
+    from pipefit.tools.files import read_user_text
 
     return read_user_text(path, what, errors="replace")

@@ -10,16 +10,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tools.units import format_bytes
+from pipefit.tools.units import format_bytes
 
 if TYPE_CHECKING:  # the models only annotate here; importing them would pull libcst into `pipefit detect`
-    from tools.hardware import HardwareReport
-    from tools.measure import PipelineMeasurement
-    from tools.patch import PatchResult
-    from tools.recommend import Recommendation
-    from tools.skills import SkillInstall
-    from tools.triage import OomTriage
-    from tools.trial import TrialResult
+    from pipefit.tools.hardware import HardwareReport
+    from pipefit.tools.measure import PipelineMeasurement
+    from pipefit.tools.patch import PatchResult
+    from pipefit.tools.recommend import Recommendation
+    from pipefit.tools.skills import SkillInstall
+    from pipefit.tools.triage import OomTriage
+    from pipefit.tools.trial import TrialResult
 
 
 def hardware(report: HardwareReport, console: Console) -> None:

@@ -40,7 +40,7 @@ def test_calibrate_strategies_writes_one_row_per_plan_and_workload(tiny_dirs, tm
 
 
 def test_every_calibration_plan_passes_the_rules():
-    from tools.plan import Target, check_plan, parse_plan
+    from pipefit.tools.plan import Target, check_plan, parse_plan
 
     plans = json.loads((ROOT / "bench" / "calibration_plans.json").read_text())
     denoiser = {"flux": "transformer", "sdxl": "unet", "wan": "transformer"}

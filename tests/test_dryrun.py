@@ -13,10 +13,10 @@ import torch
 
 import tiny_families
 import tiny_pipelines
-from tools.dryrun import _FusedAttention, _LiveBytes, trace_pipeline
-from tools.measure import measure_components
-from tools.plan import Plan
-from tools.strategies import Weights, group_offload, offload
+from pipefit.tools.dryrun import _FusedAttention, _LiveBytes, trace_pipeline
+from pipefit.tools.measure import measure_components
+from pipefit.tools.plan import Plan
+from pipefit.tools.strategies import Weights, group_offload, offload
 
 MiB = 2**20
 TINY = {

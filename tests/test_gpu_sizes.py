@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from tools.measure import measure_components
-from tools.model_source import EXAMPLES_DIR
-from tools.sizes import loaded_bytes
+from pipefit.tools.measure import measure_components
+from pipefit.tools.model_source import EXAMPLES_DIR
+from pipefit.tools.sizes import loaded_bytes
 
 pytestmark = pytest.mark.gpu
 

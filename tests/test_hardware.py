@@ -9,8 +9,8 @@ from collections import namedtuple
 
 import pytest
 
-from tools import hardware
-from tools.hardware import cgroup_memory_limit, detect_hardware
+from pipefit.tools import hardware
+from pipefit.tools.hardware import cgroup_memory_limit, detect_hardware
 
 
 def test_machine_without_gpu_gets_a_clean_answer(monkeypatch):

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from tools.estimate import Workload, estimate, host_ram, load_coefficients
-from tools.measure import measure_components
-from tools.patch import patch_script
-from tools.plan import Plan
-from tools.strategies import Weights, loading
+from pipefit.tools.estimate import Workload, estimate, host_ram, load_coefficients
+from pipefit.tools.measure import measure_components
+from pipefit.tools.patch import patch_script
+from pipefit.tools.plan import Plan
+from pipefit.tools.strategies import Weights, loading
 
 GiB = 2**30
 NF4 = {"quantize": {"backend": "bnb_nf4", "components": ["transformer", "text_encoder_2"]}, "offload": "model"}

@@ -19,8 +19,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 from processes import alive, gone_within
 
-from mcp_server.server import server
-from tools.skills import skill_dir
+from pipefit.mcp_server.server import server
+from pipefit.tools.skills import skill_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -185,12 +185,12 @@ def test_bad_input_is_a_tool_error_and_the_server_goes_on(tool, arguments, named
 
 
 def test_a_bug_in_a_tool_is_reported_and_the_server_goes_on(monkeypatch):
-    import tools.triage
+    import pipefit.tools.triage
 
     def broken(text, script=None):
         raise KeyError("stage")
 
-    monkeypatch.setattr(tools.triage, "triage_oom", broken)
+    monkeypatch.setattr(pipefit.tools.triage, "triage_oom", broken)
 
     async def main():
         async with Client(server) as client:
@@ -276,9 +276,9 @@ def test_skill_resources_and_fix_oom_prompt_are_readable():
 
 
 def test_stdio_server_in_a_child_process(tmp_path):
-    """`python -m mcp_server` as a client starts it: the same tools, real calls, a cancelled trial."""
+    """`python -m pipefit.mcp_server` as a client starts it: the same tools, real calls, a cancelled trial."""
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mcp_server"], cwd=str(ROOT), env=_child_env(tmp_path)
+        command=sys.executable, args=["-m", "pipefit.mcp_server"], cwd=str(ROOT), env=_child_env(tmp_path)
     )
     pid_file = tmp_path / "pids"
 
@@ -317,7 +317,7 @@ def test_stdio_output_is_only_protocol_messages(tmp_path):
             "name": "measure_components", "arguments": {"model": "builtin:wan2.1-t2v-1.3b"}}},
     ]  # fmt: skip
     child = subprocess.Popen(
-        [sys.executable, "-m", "mcp_server"], cwd=ROOT, env={**os.environ, **_child_env(tmp_path)},
+        [sys.executable, "-m", "pipefit.mcp_server"], cwd=ROOT, env={**os.environ, **_child_env(tmp_path)},
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:

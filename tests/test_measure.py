@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from tools.errors import PipefitError
-from tools.measure import measure_components
-from tools.sizes import module_bytes, param_count
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.measure import measure_components
+from pipefit.tools.sizes import module_bytes, param_count
 
 KINDS = ("flux", "sdxl", "wan")
 

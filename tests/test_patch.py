@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.errors import PipefitError
-from tools.patch import patch_script, patch_source
-from tools.plan import Plan
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.patch import patch_script, patch_source
+from pipefit.tools.plan import Plan
 
 SCRIPTS = Path(__file__).parent / "fixtures" / "scripts"
 CORPUS = {k: v for k, v in json.loads((SCRIPTS / "corpus.json").read_text()).items() if not k.startswith("_")}

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from tools.errors import PipefitError
-from tools.plan import Plan, Target, all_rules, check_plan, parse_plan
-from tools.strategies import Site, quantize, vae
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.plan import Plan, Target, all_rules, check_plan, parse_plan
+from pipefit.tools.strategies import Site, quantize, vae
 
 
 def test_parse_plan_from_json_text_and_file(tmp_path):

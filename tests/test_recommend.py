@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tools.errors import PipefitError
-from tools.estimate import Workload, estimate, load_coefficients
-from tools.measure import measure_components
-from tools.model_source import builtin_examples, builtin_hub_id
-from tools.plan import Target, check_plan, parse_plan
-from tools.recommend import recommend
-from tools.strategies import group_offload
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.estimate import Workload, estimate, load_coefficients
+from pipefit.tools.measure import measure_components
+from pipefit.tools.model_source import builtin_examples, builtin_hub_id
+from pipefit.tools.plan import Target, check_plan, parse_plan
+from pipefit.tools.recommend import recommend
+from pipefit.tools.strategies import group_offload
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipefit.cli import EXIT_USER_ERROR, main
-from tools.skills import skill_dir, skill_files
+from pipefit.tools.skills import skill_dir, skill_files
 
 
 def test_install_copies_the_skill_and_says_where(tmp_path, monkeypatch, capsys):
@@ -199,7 +199,7 @@ def _first_column(doc: str, header: str) -> list[str]:
 def test_strategies_and_backends_named_in_tables_exist_in_tools():
     import diffusers
 
-    from tools.plan import OffloadKind, Plan, QuantBackendName
+    from pipefit.tools.plan import OffloadKind, Plan, QuantBackendName
 
     offload = _first_column("offloading.md", "plan `offload`")
     assert set(offload) == set(typing.get_args(OffloadKind))  # every placement, and only those

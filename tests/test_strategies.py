@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from tools.sizes import loaded_bytes, module_bytes, tensor_bytes
-from tools.strategies import group_offload, quantize
+from pipefit.tools.sizes import loaded_bytes, module_bytes, tensor_bytes
+from pipefit.tools.strategies import group_offload, quantize
 
 KINDS = ("flux", "sdxl", "wan")
 
@@ -61,7 +61,7 @@ def test_largest_leaf_matches_leaf_level_hooks(pipes, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_layerwise_casting_matches_diffusers(pipes, kind, tiny_dirs):
-    from tools.measure import measure_components
+    from pipefit.tools.measure import measure_components
 
     measured = measure_components(str(tiny_dirs[kind]))
     for name, module in _modules(pipes[kind]).items():

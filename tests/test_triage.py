@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.triage import triage_oom
+from pipefit.tools.triage import triage_oom
 
 CORPUS = Path(__file__).parent / "fixtures" / "tracebacks"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text())
@@ -128,7 +128,7 @@ def test_cli_missing_file_is_one_line():
 
 
 def test_every_signature_is_exercised_by_the_corpus():
-    from tools.triage import SIGNATURES
+    from pipefit.tools.triage import SIGNATURES
 
     texts = [p.read_text(encoding="utf-8") for p in CORPUS.glob("*.txt")]
     for signature in SIGNATURES:

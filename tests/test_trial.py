@@ -18,8 +18,8 @@ import psutil
 import pytest
 from processes import alive
 
-from tools.errors import PipefitError
-from tools.trial import run_trial
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.trial import run_trial
 
 SCRIPTS = Path(__file__).parent / "fixtures" / "trial"
 CORPUS = Path(__file__).parent / "fixtures" / "scripts"

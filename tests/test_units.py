@@ -1,7 +1,7 @@
 import pytest
 
-from tools.errors import PipefitError
-from tools.units import format_bytes, parse_size
+from pipefit.tools.errors import PipefitError
+from pipefit.tools.units import format_bytes, parse_size
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""pipefit's Agent Skill (``skills/pipefit``: SKILL.md and its references), shipped as package data."""
