@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,16 @@ from pipefit.tools.measure import measure_components  # noqa: E402
 from pipefit.tools.plan import parse_plan  # noqa: E402
 
 GiB = 2**30
+
+
+@cache
+def _measured_build(build: str, dtype: str):
+    return measure_components(f"builtin:{build}", dtype=dtype)
+
+
+def _measured(row: dict):
+    """The row's built-in, measured once per run of this script (the fits ask for it many times)."""
+    return _measured_build(row["build"], row["dtype"])
 
 
 def rows(paths: list[Path]) -> list[dict]:
@@ -71,7 +82,7 @@ def fit(runs: list[dict]) -> dict:
     for r in runs:
         if r["plan"].get("offload", "").startswith("group"):
             continue  # groups keep buffers of their own
-        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        m = _measured(r)
         e = estimate(plan_of(r), m, workload_of(r), gpu=bare)
         index = max(range(len(e.stages)), key=lambda i: e.stages[i].resident_bytes + e.stages[i].working_bytes)
         calls = trace_for(m, workload_of(r)).calls
@@ -102,7 +113,7 @@ def fit(runs: list[dict]) -> dict:
     for r in runs:
         plan = plan_of(r)
         if plan.allocator == "default" and plan.grouped:
-            m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+            m = _measured(r)
             e = estimate(plan, m, workload_of(r), gpu=uncached)
             offloaded = sum(c.bytes or 0 for n, c in m.components.items() if n not in plan.group_settings.exclude)
             cached = max(cached, (r["peak_vram_bytes"] - e.vram_bytes) / offloaded)
@@ -113,7 +124,7 @@ def fit(runs: list[dict]) -> dict:
     for r in runs:
         if r["plan"] or len(r["step_seconds"]) < 2:
             continue
-        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        m = _measured(r)
         calls = trace_for(m, workload_of(r)).calls
         plain.append((r, calls))
         looped = [c for c in calls if c.step is not None]
@@ -152,7 +163,7 @@ def host_terms(runs: list[dict], k) -> dict:
 
     def ram(r, base, per_byte):
         coefficients = k.model_copy(update={"ram_base_bytes": base, "ram_copy_per_byte": per_byte})
-        return host_ram(plan_of(r), Weights.of(plan_of(r), measure_components(f"builtin:{r['build']}", dtype=r["dtype"])), coefficients)
+        return host_ram(plan_of(r), Weights.of(plan_of(r), _measured(r)), coefficients)
 
     quiet = [r["peak_rss_load_bytes"] for r in runs if r["plan"].get("offload") not in (None, "none")
              and not r["plan"].get("quantize") and not r["plan"].get("group", {}).get("use_stream")]  # fmt: skip
@@ -188,7 +199,7 @@ def transfer_terms(runs: list[dict], k) -> dict:
             else None if g.use_stream else "group")  # fmt: skip
         if key is None:
             continue
-        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        m = _measured(r)
         compute = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": free})).seconds
         at_full = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": full})).seconds
         beyond = r["seconds"] - compute
@@ -229,7 +240,7 @@ def main() -> None:
           f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s} {'pred s/call':>11s} {'meas':>6s}"
           f" {'RAM load':>8s} {'meas':>6s} {'RAM run':>8s} {'meas':>6s}")  # fmt: skip
     for r in runs:
-        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        m = _measured(r)
         w = workload_of(r)
         e = estimate(plan_of(r), m, w, gpu=profile, coefficients=k)
         if e.peak_stage == "load":  # loading comes before the calls: the process's peak is its peak

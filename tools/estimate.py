@@ -250,7 +250,7 @@ def host_ram(plan: Plan, weights: Weights, k: Coefficients) -> tuple[float, floa
 def signature(plan: Plan) -> str:
     """The shape of a plan as far as the models care: placement, streams, loading, precision, VAE, compile."""
     parts = [plan.offload]
-    if plan.quantize and plan.loading != Plan(quantize=plan.quantize).loading:  # not the backend's own way
+    if plan.quantize and plan.loading != loading.default_load(plan.quantize.backend):  # not the backend's own way
         parts.append(f"load_{plan.loading}")
     if plan.allocator != "expandable_segments":
         parts.append(f"alloc_{plan.allocator}")

@@ -94,11 +94,11 @@ class Plan(_Strict):
     def loading(self) -> Literal["device", "host", "staged"]:
         """How the quantized components load: ``load``, else the backend's own way (bitsandbytes quantizes
         on the GPU as the weights stream in, torchao where they load: the CPU)."""
-        if self.load is not None:
-            return self.load
-        from .strategies.loading import QUANTIZES_ON_DEVICE
+        if self.load is not None or not self.quantize:
+            return self.load or "device"
+        from .strategies.loading import default_load
 
-        return "device" if not self.quantize or self.quantize.backend in QUANTIZES_ON_DEVICE else "host"
+        return default_load(self.quantize.backend)
 
     @property
     def grouped(self) -> bool:

@@ -287,8 +287,9 @@ def _fill_groups(plan: Plan, context: _Context) -> Plan:
 def _option(plan: Plan, context: _Context, target: Target) -> Option:
     e: Estimate = context.estimate(plan)
     machine, margin = context.machine, context.margin
-    reasons = [f.message for f in check_plan(plan, target)]
-    broken = any(f.severity == "error" for f in check_plan(plan, target))
+    findings = check_plan(plan, target)
+    reasons = [f.message for f in findings]
+    broken = any(f.severity == "error" for f in findings)
     need = e.vram_bytes + margin
     if need > machine.vram_bytes:
         reasons.append(

@@ -78,8 +78,7 @@ class Weights:
         (or upcast) while that layer computes, or before it is quantized while loading."""
         comp = self.measured.components[name]
         if plan.quantize and name in plan.quantize.components:
-            backend = "torchao_int8wo" if plan.quantize.backend == "torchao_fp8wo" else plan.quantize.backend
-            return (comp.largest_quantized_layer_bytes or {}).get(backend, comp.largest_leaf_bytes or 0)
+            return (comp.largest_quantized_layer_bytes or {}).get(_measured_as(plan.quantize.backend), comp.largest_leaf_bytes or 0)
         cast = plan.layerwise_casting is not None and name in plan.layerwise_casting.components
         return (comp.largest_leaf_bytes or 0) if cast else 0
 
@@ -98,12 +97,16 @@ def device_bytes(plan: "Plan", name: str, comp) -> int:
     """A component's bytes on the device under ``plan`` (quantized, fp8-cast or as measured)."""
     size = comp.bytes or 0
     if plan.quantize and name in plan.quantize.components:
-        # torchao's fp8 weight-only stores a byte per weight, as its int8 does
-        backend = "torchao_int8wo" if plan.quantize.backend == "torchao_fp8wo" else plan.quantize.backend
-        return (comp.quantized_bytes or {}).get(backend, size)
+        return (comp.quantized_bytes or {}).get(_measured_as(plan.quantize.backend), size)
     if plan.layerwise_casting and name in plan.layerwise_casting.components:
         return comp.layerwise_fp8_bytes or size
     return size
+
+
+def _measured_as(backend: str) -> str:
+    """The backend whose measured sizes stand for ``backend``'s: torchao's fp8 weight-only stores a byte
+    per weight, as its int8 does."""
+    return "torchao_int8wo" if backend == "torchao_fp8wo" else backend
 
 
 def resident(plan: "Plan", trace: "Trace", weights: Weights) -> list[int]:

@@ -208,9 +208,14 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
             root = weights.measured.components[name].leaf_offload_root_bytes or 0
             out.append(kept + ahead * weights.largest_leaf(name) + root)
         else:
-            key = "stream" if group.use_stream else str(group.num_blocks_per_group)
-            out.append(kept + weights.block_peak(name, key))
+            out.append(kept + weights.block_peak(name, _block_key(group)))
     return out
+
+
+def _block_key(group) -> str:
+    """Which measured block-level peak a group setting reads: one block per group plus the prefetched
+    one with streams, else the blocks per group."""
+    return "stream" if group.use_stream else str(group.num_blocks_per_group)
 
 
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
@@ -260,14 +265,18 @@ def host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float]
         return copy_per_byte["pinned"] * 3 * max((_largest_group(plan, weights, n) for n in _offloaded(plan, weights)), default=0)
     if group.use_stream and not group.low_cpu_mem_usage:
         return copy_per_byte["pinned"] * _pinned(plan, weights)
-    key = "group_low_cpu_mem" if group.use_stream else "group"
-    return copy_per_byte[key] * sum(weights.bytes[n] for n in _offloaded(plan, weights))
+    return copy_per_byte[_host_term(group)] * sum(weights.bytes[n] for n in _offloaded(plan, weights))
+
+
+def _host_term(group) -> str:
+    """The host's per-byte term for offloaded weights held in ordinary memory."""
+    return "group_low_cpu_mem" if group.use_stream else "group"
 
 
 def _largest_group(plan: "Plan", weights: "Weights", name: str) -> int:
     if plan.offload == "group_leaf":
         return weights.largest_leaf(name)
-    return weights.block_peak(name, "stream" if plan.group_settings.use_stream else str(plan.group_settings.num_blocks_per_group))
+    return weights.block_peak(name, _block_key(plan.group_settings))
 
 
 def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
@@ -277,12 +286,10 @@ def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, 
 
     group = plan.group_settings
     offloaded = _offloaded(plan, weights)
+    comps = weights.measured.components
     if group.offload_to_disk:  # the weights are read from their files once to write the group files
-        comps = weights.measured.components
         return max((largest_file_bytes(comps[n]) for n in offloaded), default=0)
     if group.use_stream and not group.low_cpu_mem_usage:
-        comps = weights.measured.components
         files = max((largest_file_bytes(comps[n]) for n in offloaded if n not in on_device), default=0)
         return copy_per_byte["pinned"] * _pinned(plan, weights) + files
-    key = "group_low_cpu_mem" if group.use_stream else "group"
-    return copy_per_byte[key] * sum(weights.bytes[n] for n in on_device if n in offloaded)
+    return copy_per_byte[_host_term(group)] * sum(weights.bytes[n] for n in on_device if n in offloaded)

@@ -39,6 +39,12 @@ QUANTIZES_ON_DEVICE = frozenset({"bnb_nf4", "bnb_int8"})
 LOADS = ("device", "staged", "host")
 
 
+def default_load(backend: str) -> str:
+    """How a backend's components load when the plan does not say: bitsandbytes on the GPU as the
+    weights stream in, torchao where they load (the host)."""
+    return "device" if backend in QUANTIZES_ON_DEVICE else "host"
+
+
 def worth_trying(backend: str, load: str, offload: str) -> bool:
     """Whether recommend predicts this loading path for a quantized plan: each one the backend allows
     (the rules below), staged only where a placement offloads (without one, every component ends on the

@@ -93,9 +93,10 @@ def host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float]
     if plan.offload == "none":
         return 0.0
     quantized = sum(b for n, b in weights.bytes.items() if plan.quantize and n in plan.quantize.components)
-    # bitsandbytes' weights come back with new quantization-state tensors each time: more churn per byte
-    key = "model_quantized" if plan.offload == "model" else plan.offload
-    return copy_per_byte[plan.offload] * (weights.total - quantized) + copy_per_byte.get(key, copy_per_byte[plan.offload]) * quantized
+    # under model offload, quantized weights come back with new quantization-state tensors each time:
+    # more churn per byte (measured apart)
+    per_quantized_byte = copy_per_byte["model_quantized" if plan.offload == "model" else plan.offload]
+    return copy_per_byte[plan.offload] * (weights.total - quantized) + per_quantized_byte * quantized
 
 
 def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
