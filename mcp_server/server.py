@@ -23,10 +23,12 @@ import anyio.from_thread
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.tools import Tool
 from mcp.types import ToolAnnotations
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
-from pipefit.tools.errors import PipefitError
+from pipefit.tools.errors import PipefitError, invalid_input
+from pipefit.tools.estimate import Batch, Frames, GuidanceScale, Height, Steps, Width
 from pipefit.tools.hardware import HardwareReport
 from pipefit.tools.measure import PipelineMeasurement
 from pipefit.tools.patch import PatchResult
@@ -48,7 +50,20 @@ patch_script (the chosen plan, as a diff) -> run_trial (prove it). When a trial 
 or misses the prediction, call recommend again with what it measured. The skill's docs are the
 skill://pipefit/ resources; the fix-oom prompt starts the loop from a traceback."""
 
-server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING")
+_TOOLS: list[Tool] = []
+
+
+class _StrictTool(Tool):
+    """A tool whose input schema admits only its own arguments (a misspelt ``heigth`` is an error,
+    not a silent default) and whose argument errors are one line naming the argument as sent."""
+
+    async def run(self, arguments: dict[str, Any], context: Context, convert_result: bool = False) -> Any:
+        try:
+            self.fn_metadata.validate_arguments(arguments)
+        except ValidationError as exc:
+            problem = invalid_input(exc, known=self.parameters.get("properties", {}))
+            raise ToolError(f"Error executing tool {self.name}: {problem}") from None  # as the SDK words its own
+        return await super().run(arguments, context, convert_result)
 
 
 def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_world: bool = False, destructive: bool = False):
@@ -59,7 +74,13 @@ def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_w
             title=title, read_only_hint=read_only, destructive_hint=destructive if not read_only else None,
             idempotent_hint=idempotent, open_world_hint=open_world,
         )  # fmt: skip
-        return server.tool(title=title, description=inspect.cleandoc(fn.__doc__), annotations=annotations)(fn)
+        tool = _StrictTool.from_function(fn, title=title, description=inspect.cleandoc(fn.__doc__), annotations=annotations)
+        loose = tool.fn_metadata.arg_model
+        strict = type(loose.__name__, (loose,), {"model_config": ConfigDict(**{**loose.model_config, "extra": "forbid"})})
+        tool.fn_metadata.arg_model = strict
+        tool.parameters = strict.model_json_schema(by_alias=True)  # with additionalProperties: false
+        _TOOLS.append(tool)
+        return fn
 
     return register
 
@@ -101,9 +122,7 @@ async def _call(
     except PipefitError as exc:
         raise ToolError(str(exc)) from None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "input"
-        raise ToolError(f"Invalid {where}: {first['msg']}.") from None
+        raise ToolError(str(invalid_input(exc))) from None
     except Exception as exc:  # a bug in pipefit: say what, keep serving, leave the traceback on stderr
         logger.exception("%s failed", getattr(fn, "__name__", "a tool"))
         raise ToolError(
@@ -151,14 +170,12 @@ async def measure_components(
 async def recommend(
     model: Annotated[str, Field(description="as for measure_components")],
     ctx: Context,
-    height: Annotated[int, Field(ge=8)] = 1024,
-    width: Annotated[int, Field(ge=8)] = 1024,
-    frames: Annotated[int | None, Field(ge=1, description="video pipelines: frames per call")] = None,
-    steps: Annotated[int, Field(ge=1)] = 28,
-    batch: Annotated[int, Field(ge=1, description="images or videos per call")] = 1,
-    guidance_scale: Annotated[
-        float | None, Field(description="the call's guidance_scale; omit for the pipeline's own default")
-    ] = None,
+    height: Height = 1024,
+    width: Width = 1024,
+    frames: Frames | None = None,
+    steps: Steps = 28,
+    batch: Batch = 1,
+    guidance_scale: GuidanceScale | None = None,
     gpu: Annotated[str | None, Field(description="plan for this card, e.g. 'RTX 4090' (its memory unless vram)")] = None,
     vram: Annotated[str | None, Field(description="plan for this much GPU memory, e.g. '16GiB'")] = None,
     ram: Annotated[str | None, Field(description="plan for this much host RAM, e.g. '64GiB'")] = None,
@@ -261,6 +278,9 @@ async def triage_oom(
         return run(text, script=source)
 
     return await _call(None, work)
+
+
+server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING", tools=_TOOLS)
 
 
 def _register_skill_resources() -> None:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except PipefitError as exc:
-        print(f"pipefit: error: {exc}", file=sys.stderr)
+        print(f"pipefit: error: {_in_cli_terms(str(exc), parser)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("pipefit: interrupted", file=sys.stderr)
@@ -46,6 +46,29 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _in_cli_terms(message: str, parser: argparse.ArgumentParser) -> str:
+    """Errors name arguments as the tools take them (`vram`, what an MCP client sends); here they
+    read as the flags a CLI user types (--vram)."""
+    import re
+
+    flags = {}
+    for action in _actions(parser):
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if longs:
+            flags.setdefault(action.dest, longs[0])
+        elif not action.option_strings and isinstance(action.metavar, str):  # a positional: MODEL, SCRIPT
+            flags.setdefault(action.dest, action.metavar)
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def _actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:  # argparse has no public walk over sub-commands' options
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     where = patch.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", metavar="OUT", help="write the patched script here (a new file; see --force)")
     where.add_argument("--diff", action="store_true", help="print only the unified diff (for `patch -p1`/`git apply`)")
-    patch.add_argument("--force", action="store_true",
+    patch.add_argument("--force", action="store_true", dest="overwrite",
                        help="replace OUT if it exists (OUT may be SCRIPT itself: a backup SCRIPT.bak is kept)")
     patch.add_argument("--json", action="store_true", help="machine-readable output")
     patch.set_defaults(run=_patch)
@@ -110,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--frames", type=int, help="video pipelines: frames per call")
     recommend.add_argument("--steps", type=int, default=28)
     recommend.add_argument("--batch", type=int, default=1, help="images (videos) per call")
-    recommend.add_argument("--guidance", type=float, metavar="SCALE",
+    recommend.add_argument("--guidance", type=float, metavar="SCALE", dest="guidance_scale",
                            help="guidance_scale of the call (default: the pipeline's own); 0 or 1 runs no CFG in most pipelines")
     recommend.add_argument("--gpu", metavar="NAME", help="plan for this card, e.g. 'RTX 4090' (its memory unless --vram)")
     recommend.add_argument("--vram", metavar="SIZE", help="plan for this much GPU memory, e.g. 16GiB")
@@ -185,6 +208,9 @@ def _measure(args: argparse.Namespace) -> int:
 def _recommend(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from pydantic import ValidationError
+
+    from pipefit.tools.errors import invalid_input
     from pipefit.tools.estimate import Workload
     from pipefit.tools.recommend import recommend
 
@@ -192,9 +218,9 @@ def _recommend(args: argparse.Namespace) -> int:
 
     try:
         workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch,
-                            guidance_scale=args.guidance)  # fmt: skip
-    except ValueError as exc:
-        raise PipefitError(f"Invalid workload: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}.") from None
+                            guidance_scale=args.guidance_scale)  # fmt: skip
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
     with Console(stderr=True).status("Measuring", spinner="dots") as spinner:
         result = recommend(
             args.model, workload, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan, dtype=args.dtype,
@@ -216,7 +242,7 @@ def _patch(args: argparse.Namespace) -> int:
 
     # OUT is a path as typed in the shell: relative to where the command runs
     output = Path(args.output).expanduser().absolute() if args.output else None
-    result = patch_script(args.script, args.plan, output=output, overwrite=args.force)
+    result = patch_script(args.script, args.plan, output=output, overwrite=args.overwrite)
     if args.diff and not args.json:
         sys.stdout.write(result.diff)
         return 0

@@ -58,6 +58,7 @@ def test_tools_have_schemas_annotations_and_descriptions_that_say_what_next():
     for name, tool in tools.items():
         assert tool.output_schema and tool.output_schema["type"] == "object", name
         assert tool.input_schema["type"] == "object" and "ctx" not in tool.input_schema["properties"], name
+        assert tool.input_schema["additionalProperties"] is False, name  # a misspelt argument is refused
         assert 200 < len(tool.description.encode()) < 2048 and not tool.description.startswith(" "), name
         assert tool.annotations.read_only_hint is (name in READ_ONLY), name
         # what reaches beyond the machine: a hub id (measure, recommend), the user's own code (run_trial)
@@ -65,6 +66,9 @@ def test_tools_have_schemas_annotations_and_descriptions_that_say_what_next():
     # what an agent chains on: the models' own fields, required inputs, the next step
     assert {"options", "margin_bytes", "hardware", "workload"} <= set(tools["recommend"].output_schema["properties"])
     assert tools["recommend"].input_schema["required"] == ["model"]
+    bounds = {k: (v.get("minimum"), v.get("maximum")) for k, v in tools["recommend"].input_schema["properties"].items()
+              if k in ("height", "width", "steps", "batch")}  # fmt: skip
+    assert all(low is not None and high is not None for low, high in bounds.values()), bounds
     assert tools["patch_script"].input_schema["required"] == ["script", "plan"]
     # patch_script replaces a file when told to (overwrite); run_trial runs the user's code
     assert tools["patch_script"].annotations.destructive_hint is True and "overwrite" in tools["patch_script"].input_schema["properties"]
@@ -248,6 +252,22 @@ def test_cancelled_run_trial_leaves_no_process(tmp_path):
     assert not after.is_error
 
 
+def test_run_trial_reports_the_scripts_ram_not_the_servers(tmp_path):
+    """The server may hold gigabytes after a large request; a small script's peak must not show them."""
+    ballast = bytearray(768 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])
+
+    async def main():
+        async with Client(server) as client:
+            return await client.call_tool("run_trial", {"script": str(TRIAL / "exits.py"), "args": ["0"]})
+
+    result = run(main).structured_content
+    assert psutil.Process().memory_info().rss > 768 * 2**20
+    assert result["outcome"] == "ok" and result["peak_rss_bytes"] < 256 * 2**20, result["peak_rss_bytes"]
+    assert result["containment"] in ("cgroup", "subreaper", "session")
+    del ballast
+
+
 # ---- resources and the prompt ------------------------------------------------------------------
 
 
@@ -345,9 +365,10 @@ def test_http_server_on_localhost(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "wb")  # a file, not a pipe nobody reads: a full pipe would stall the server
     child = subprocess.Popen(
         [sys.executable, "-m", "pipefit", "serve", "--http", str(port)], cwd=ROOT,
-        env={**os.environ, **_child_env(tmp_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, **_child_env(tmp_path)}, stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -355,18 +376,27 @@ def test_http_server_on_localhost(tmp_path):
             connections = [c for c in psutil.Process(child.pid).net_connections() if c.status == psutil.CONN_LISTEN]
             if connections:
                 break
-            assert child.poll() is None, child.stderr.read().decode()
+            assert child.poll() is None, (tmp_path / "server.log").read_text()
             time.sleep(0.2)
         assert {c.laddr.ip for c in connections} == {"127.0.0.1"}  # not reachable from other machines
+
+        pid_file = tmp_path / "pids"
 
         async def main():
             async with Client(f"http://127.0.0.1:{port}/mcp") as client:
                 tools = (await client.list_tools()).tools
                 triage = await client.call_tool("triage_oom", {"text": TRACEBACK})
-                return tools, triage
+                await _cancel_once_started(client, pid_file)  # closes the request's stream: the cancel
+                cancelled = time.monotonic()
+                pids = [int(p) for p in pid_file.read_text().split()]
+                while any(alive(p) for p in pids) and time.monotonic() - cancelled < 10:
+                    await anyio.sleep(0.02)  # not time.sleep: the client closes the stream on this loop
+                return tools, triage, not any(alive(p) for p in pids), time.monotonic() - cancelled
 
-        tools, triage = run(main)
+        tools, triage, gone, seconds = run(main)
         assert {t.name for t in tools} == TOOLS and triage.structured_content["kind"] == "cuda_oom"
+        assert gone and seconds < 2, seconds  # the tree stops within about a second of the cancel
     finally:
         child.terminate()
         child.wait(timeout=20)
+        log.close()

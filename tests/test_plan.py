@@ -65,8 +65,13 @@ CASES = [
      Target(device_type="mps"), {"offload": "group_leaf"}),
     ("group_offload.streams_force_one_block", {"offload": "group_block", "group": {"use_stream": True, "num_blocks_per_group": 4}},
      CUDA, {"offload": "group_block", "group": {"num_blocks_per_group": 4}}),
-    ("group_offload.stream_options_need_stream", {"offload": "group_block", "group": {"record_stream": True}}, CUDA,
+    ("group_offload.record_stream_needs_stream", {"offload": "group_block", "group": {"record_stream": True}}, CUDA,
      {"offload": "group_block", "group": {"record_stream": True, "use_stream": True}}),
+    ("group_offload.low_cpu_mem_usage_needs_stream", {"offload": "group_leaf", "group": {"low_cpu_mem_usage": True}},
+     CUDA, {"offload": "group_leaf", "group": {"low_cpu_mem_usage": True, "use_stream": True}}),
+    ("plan.unknown_component", {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}},
+     Target(components=["unet", "vae", "text_encoder"]),
+     {"quantize": {"backend": "bnb_nf4", "components": ["unet"]}}),
     ("vae.no_tiling", {"vae": {"tiling": True}}, Target(component_classes={"vae": "AutoencoderKLTemporalDecoder"}),
      {"vae": {"slicing": False}}),
     ("compile.regional_needs_repeated_blocks", {"compile": "regional"},
@@ -88,7 +93,7 @@ def test_each_rule_fires_when_broken_and_only_then(rule, breaking, target, fine)
     # without knowing the target, a rule that needs it stays silent
     if target.model_dump(exclude_none=True) and rule.split(".")[1] not in (
         "not_with_layerwise_casting", "group_settings_need_group_offload", "streams_force_one_block",
-        "stream_options_need_stream", "known_backend", "diffusers_models_only",
+        "record_stream_needs_stream", "low_cpu_mem_usage_needs_stream", "known_backend", "diffusers_models_only",
         "int8_not_on_host", "torchao_not_while_streaming", "needs_quantization",
     ):  # fmt: skip
         assert rule not in {f.rule for f in check_plan(Plan.model_validate(breaking), Target())}

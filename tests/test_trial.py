@@ -152,6 +152,75 @@ def test_processes_the_script_leaves_running_are_stopped_and_reported(tmp_path):
     assert result.warnings == ["The script left 1 process(es) running when it ended; pipefit stopped them."]
 
 
+def _cgroup_allowed() -> bool:
+    from pipefit.tools.process_tree import ProcessTree
+
+    tree = ProcessTree()
+    tree.close()
+    return tree.cgroup is not None
+
+
+@pytest.mark.parametrize("environment", ["kept", "dropped"])
+@pytest.mark.parametrize("mode", ["hang", "exit"])
+@pytest.mark.parametrize("containment", ["cgroup", "subreaper"])
+def test_a_double_fork_into_a_new_session_is_stopped_too(tmp_path, monkeypatch, containment, mode, environment):
+    """setsid + fork leaves the child's group and parent; the cgroup holds it, or the subreaper gets it
+    back (by its inherited marker, or as the only trial's orphan when it dropped its environment)."""
+    from pipefit.tools import process_tree
+
+    if sys.platform != "linux":
+        pytest.skip("cgroups and the child subreaper are Linux's")
+    if containment == "cgroup" and not _cgroup_allowed():
+        pytest.skip("this machine lets pipefit make no cgroup v2 group")
+    if containment == "subreaper":
+        monkeypatch.setattr(process_tree, "_new_cgroup", lambda name: None)
+    pid_file = tmp_path / "pid"
+    extra = ["clean-env"] if environment == "dropped" else []
+    result = trial("escapes.py", pid_file, mode, *extra, timeout=3 if mode == "hang" else None)
+    escaped = int(pid_file.read_text())
+    assert result.containment == containment
+    assert result.outcome == ("timeout" if mode == "hang" else "ok")
+    assert not alive(escaped)
+    with pytest.raises(psutil.NoSuchProcess):  # and reaped: no zombie left under this process
+        psutil.Process(escaped).status()
+    if mode == "exit":
+        assert result.warnings == ["The script left 1 process(es) running when it ended; pipefit stopped them."]
+
+
+def test_peak_ram_is_the_scripts_not_the_callers():
+    """A child's kernel high-water mark starts at its parent's (fork, vfork and exec keep it): the
+    sampled tree alone counts, so a large caller (a server after a big request) does not show."""
+    ballast = bytearray(768 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # resident, every page
+    result = trial("exits.py", 0)
+    assert psutil.Process().memory_info().rss > 768 * 2**20
+    assert result.outcome == "ok" and 0 < result.peak_rss_bytes < 256 * 2**20, result.peak_rss_bytes
+    del ballast
+
+
+def test_the_default_log_folder_is_pruned_by_age_and_size(tmp_path):
+    from pipefit.tools.trial import prune_trials
+
+    now = time.time()
+    root = tmp_path / "trials"
+
+    def made(name: str, days_ago: float, size: int) -> Path:
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "output.log").write_bytes(b"x" * size)
+        os.utime(folder / "output.log", (now - days_ago * 86400,) * 2)
+        return folder
+
+    old = made("20260101-000000-gen-a", 30, 10)
+    big_older = made("20260110-000000-gen-b", 3, 600)
+    big_newer = made("20260111-000000-gen-c", 2, 600)
+    running = made("20260112-000000-gen-d", 0, 600)  # written to just now: a trial may be running
+    mine = made("notes", 60, 10)  # not a trial's folder
+    removed = prune_trials(root, max_age_days=14, max_bytes=1300, now=now)  # d and c fit; b, older, does not
+    assert set(removed) == {old, big_older}
+    assert big_newer.is_dir() and running.is_dir() and mine.is_dir()
+
+
 def test_an_interrupt_leaves_no_process_behind(tmp_path):
     pids = tmp_path / "pids"
 
@@ -217,12 +286,14 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
         run_trial(tmp_path / "missing.py", log_dir=logs)
     with pytest.raises(PipefitError, match="is a folder"):
         run_trial(tmp_path, log_dir=logs)
-    with pytest.raises(PipefitError, match="Cannot read the size"):
+    with pytest.raises(PipefitError, match="^`vram_cap`: cannot read the size"):
         run_trial(SCRIPTS / "exits.py", vram_cap="twelve", log_dir=logs)
     with pytest.raises(PipefitError, match="No diffusers pipeline found"):
         run_trial(SCRIPTS / "exits.py", {"offload": "model"}, log_dir=logs)
     with pytest.raises(PipefitError, match="timeout"):
         run_trial(SCRIPTS / "exits.py", timeout=0, log_dir=logs)
+    with pytest.raises(PipefitError, match="below the 64.00 MiB a Python interpreter needs"):
+        run_trial(SCRIPTS / "exits.py", ram_cap="1KiB", log_dir=logs)
     assert not logs.exists()
 
 

@@ -265,7 +265,12 @@ def _call_kwargs(pipe, workload: dict) -> dict:
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": _PROMPT, "height": workload["height"], "width": workload["width"]}
     kwargs["num_inference_steps"] = workload["steps"]
-    if workload["frames"] and "num_frames" in params:
+    if workload["frames"] is not None and "num_frames" not in params:
+        raise PipefitError(
+            f"`frames` is for video pipelines, and {type(pipe).__name__} makes images (its call takes no num_frames).",
+            "Leave `frames` out.",
+        )
+    if workload["frames"] is not None:
         kwargs["num_frames"] = workload["frames"]
     if workload["guidance_scale"] is not None and "guidance_scale" in params:
         kwargs["guidance_scale"] = workload["guidance_scale"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -72,15 +72,28 @@ def load_coefficients(path: str = str(CALIBRATION)) -> Coefficients:
     return Coefficients.model_validate(json.loads(Path(path).read_text()))
 
 
+# A workload's bounds, once: the CLI and the MCP tools take these types. Wide enough for any real call
+# (a 16K image, a 4096-frame video, 1000 steps: a scheduler's whole schedule), narrow enough that a typo
+# is an error instead of a dry run of a 10^9-pixel image.
+Height = Annotated[int, Field(ge=8, le=16384, description="pixels")]
+Width = Annotated[int, Field(ge=8, le=16384, description="pixels")]
+Frames = Annotated[int, Field(ge=1, le=4096, description="video pipelines only: frames per call")]
+Steps = Annotated[int, Field(ge=1, le=1000)]
+Batch = Annotated[int, Field(ge=1, le=64, description="images or videos per call")]
+GuidanceScale = Annotated[
+    float, Field(ge=0, le=100, allow_inf_nan=False, description="the call's guidance_scale; omit for the pipeline's default")
+]
+
+
 class Workload(BaseModel):
     """What one pipeline call produces."""
 
-    height: int = Field(1024, ge=8)
-    width: int = Field(1024, ge=8)
-    frames: int | None = Field(None, ge=1, description="video pipelines")
-    steps: int = Field(28, ge=1)
-    batch: int = Field(1, ge=1)
-    guidance_scale: float | None = Field(
+    height: Height = 1024
+    width: Width = 1024
+    frames: Frames | None = None
+    steps: Steps = 28
+    batch: Batch = 1
+    guidance_scale: GuidanceScale | None = Field(
         None, description="None: the pipeline's own default; the pipeline decides from it whether CFG runs"
     )
 

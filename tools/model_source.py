@@ -61,6 +61,8 @@ def builtin_hub_id(model: str) -> str | None:
 
 def resolve_pipeline(model: str, progress: Callable[[str], None] | None = None) -> PipelineSource:
     """Turn MODEL into a local folder with model_index.json, or raise PipefitError naming the fix."""
+    if not model.strip():
+        raise PipefitError("`model` is empty.", "Give a hub id, a local diffusers folder or builtin:NAME.")
     return read_pipeline_folder(model, _locate(model, progress))
 
 

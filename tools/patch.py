@@ -78,7 +78,7 @@ def _write(script: Path, output: Path, text: str, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         raise PipefitError(
             f"{str(out)!r} exists; nothing was written.",
-            "Choose a new file, or pass overwrite (CLI: --force) to replace it"
+            "Choose a new file, or pass `overwrite` to replace it"
             + (" (a backup of the script is kept)." if out == script.resolve() else "."),
         )
     if out.exists() and out == script.resolve():

@@ -101,6 +101,11 @@ class Plan(_Strict):
         return default_load(self.quantize.backend)
 
     @property
+    def named_components(self) -> set[str]:
+        """Every component the plan names: quantized, cast, or kept resident by group offloading."""
+        return self.converted | set(self.group_settings.exclude)
+
+    @property
     def grouped(self) -> bool:
         """Whether the plan uses diffusers' group offloading (block or leaf level)."""
         return self.offload in ("group_block", "group_leaf")
@@ -121,6 +126,7 @@ class Target(BaseModel):
         None, description="which library each component's class comes from"
     )
     component_classes: dict[str, str] | None = None
+    components: list[str] | None = Field(None, description="every component of the pipeline, where all are known")
     denoiser: Literal["unet", "transformer"] | None = None
     repeated_blocks: dict[str, list[str]] | None = Field(
         None, description="the block classes each model declares for regional compile (measure_components)"
@@ -156,11 +162,25 @@ class Finding(BaseModel):
     message: str
 
 
+RULES = (
+    Rule(
+        "plan.unknown_component",
+        lambda plan, target: ", ".join(sorted(plan.named_components - set(target.components))) or None
+        if target.components is not None
+        else None,
+        "The plan names {0}, which this pipeline does not have.",
+        "Name its own components (measure_components lists them).",
+    ),
+)
+
+
 def all_rules() -> tuple[Rule, ...]:
-    """Every strategy module's rules, in a stable order."""
+    """The plan's own rules and every strategy module's, in a stable order."""
+    import sys
+
     from .strategies import attention, group_offload, layerwise_casting, loading, offload, quantize, torch_compile, vae
 
-    modules = (quantize, loading, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
+    modules = (sys.modules[__name__], quantize, loading, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
     return tuple(rule for module in modules for rule in module.RULES)
 
 

@@ -126,10 +126,13 @@ def recommend(
     k = load_coefficients()
     margin = int(k.margin_fraction * machine.vram_bytes)
     target = _target(measured, machine)
+    given = parse_plan(plan) if plan is not None else None
+    if given is not None and (errors := [f.message for f in check_plan(given, target) if f.severity == "error"]):
+        raise PipefitError(f"The plan cannot run on {measured.pipeline_class}: " + " ".join(errors), "Nothing was evaluated.")
     say(f"Dry-running {measured.pipeline_class} at {workload.height}x{workload.width} on the meta device")
     trace = trace_for(measured, workload)
     context = _Context(measured, workload, machine, profile, trace, margin)
-    plans = [parse_plan(plan)] if plan is not None else candidates(context)
+    plans = [given] if given is not None else candidates(context)
     if plan is None and sys.platform == "win32":  # PyTorch has no expandable segments there
         plans = [p.model_copy(update={"allocator": "default"}) for p in plans]
     say(f"Evaluating {len(plans)} plans")
@@ -380,8 +383,8 @@ def _repo(m: PipelineMeasurement) -> str:
 
 
 def _machine(vram: str | int | None, ram: str | int | None, gpu: str | None = None) -> Machine:
-    given_vram = parse_size(vram) if vram is not None else None
-    given_ram = parse_size(ram) if ram is not None else None
+    given_vram = parse_size(vram, "vram") if vram is not None else None
+    given_ram = parse_size(ram, "ram") if ram is not None else None
     if gpu is not None and given_vram is None:  # a card that is not here: its own memory
         given_vram = gpu_profile(gpu).memory_bytes
     if given_vram is not None and given_ram is not None:
@@ -393,7 +396,7 @@ def _machine(vram: str | int | None, ram: str | int | None, gpu: str | None = No
     if given_vram is None and here is None:
         raise PipefitError(
             "No GPU was detected, so there is no VRAM to plan for.",
-            "Pass --vram SIZE (e.g. --vram 16GiB) or --gpu NAME (e.g. --gpu 'RTX 4090') to plan for a GPU you will run on.",
+            "Pass `vram` (e.g. 16GiB) or `gpu` (e.g. 'RTX 4090') to plan for a GPU you will run on.",
         )
     return Machine(
         gpu=gpu or (here.name if here else None),
@@ -413,7 +416,7 @@ def _target(m: PipelineMeasurement, machine: Machine) -> Target:
     return Target(
         device_type="cuda", compute_capability=cc,
         component_libraries={n: c.library for n, c in m.components.items() if c.library in ("diffusers", "transformers")},
-        component_classes={n: c.class_name for n, c in m.components.items()},
+        component_classes={n: c.class_name for n, c in m.components.items()}, components=list(m.components),
         denoiser="unet" if denoiser_of(m) == "unet" else "transformer", versions=installed_versions(),
         repeated_blocks={n: [b.class_name for b in c.repeated_blocks] for n, c in m.components.items() if c.bytes},
     )  # fmt: skip

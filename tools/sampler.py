@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import psutil
@@ -63,7 +64,8 @@ class Nvml:
 
 
 class TreeSampler:
-    """Samples a process and its descendants every ``interval`` seconds from ``start(pid)`` to ``stop()``.
+    """Samples a process tree every ``interval`` seconds from ``start()`` to ``stop()``; ``members``
+    lists the tree's live processes (tools/process_tree.py), looked up every ``RESCAN_S``.
 
     Create it before starting the process: device memory in use then is the baseline others hold.
 
@@ -74,8 +76,8 @@ class TreeSampler:
     names with ``set_phase`` (loading, each pipeline call).
     """
 
-    def __init__(self, nvml: Nvml | None = None, interval: float = INTERVAL_S):
-        self.pid = -1
+    def __init__(self, members: Callable[[], list[psutil.Process]], nvml: Nvml | None = None, interval: float = INTERVAL_S):
+        self._members = members
         self.interval = interval
         self.nvml = nvml if nvml is not None and nvml.available else None
         self.baseline_used = self.nvml.used() if self.nvml else []
@@ -92,8 +94,7 @@ class TreeSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pipefit-sampler", daemon=True)
 
-    def start(self, pid: int) -> TreeSampler:
-        self.pid = pid
+    def start(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -140,11 +141,7 @@ class TreeSampler:
         """Take one sample now (the thread calls this; tests may too)."""
         now = time.monotonic()
         if now - self._scanned > RESCAN_S:
-            try:
-                root = psutil.Process(self.pid)
-                self._tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                return
+            self._tree = self._members()
             self._scanned = now
             for process in self._tree:
                 self.processes.setdefault(process.pid, process)

@@ -239,18 +239,31 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
+def _join_cgroup(group: str | None) -> str | None:
+    """Move this process into the trial's cgroup: "joined", the reason it could not, or None (none made)."""
+    if not group:
+        return None
+    try:
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    except OSError as exc:
+        return f"not joined: {exc.strerror}"
+    return "joined"
+
+
 def main() -> int:
     config = json.loads(os.environ.pop(CONFIG_ENV))
     script = os.path.abspath(sys.argv[1])
     sys.argv = sys.argv[1:]
     # As `python script.py` would have it: the script's folder first on the path, not this one's.
     sys.path[0] = os.path.dirname(os.path.abspath(config.get("import_dir") or script))
+    joined = _join_cgroup(config.get("cgroup"))  # first: whatever the script starts is born inside it
     events = Events(config["events"])
     hooks = {"diffusers.pipelines.pipeline_utils": PipelineTracer(events).install}
     if config.get("vram_cap_bytes"):
         hooks["torch"] = lambda _: cap_vram(events, config["vram_cap_bytes"], config.get("others_bytes") or 0)
     sys.meta_path.insert(0, AfterImport(hooks))
-    events.emit("start", pid=os.getpid())
+    events.emit("start", pid=os.getpid(), cgroup=joined)
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")

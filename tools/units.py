@@ -17,12 +17,21 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 GiB = 2**30
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, argument: str | None = None) -> int:
     """Parse a size such as ``16GiB``, ``24GB``, ``12G`` (G means GiB), ``1024B``; an int is bytes.
 
     Text needs a unit: a bare ``16`` would be 16 bytes, never what anyone planning a GPU meant. A
-    size must be more than zero.
+    size must be more than zero. ``argument``, the parameter the size was given as, heads an error.
     """
+    try:
+        return _parse_size(text)
+    except PipefitError as exc:
+        if argument is None:
+            raise
+        raise PipefitError(f"`{argument}`: {exc.message[0].lower()}{exc.message[1:]}", exc.fix) from None
+
+
+def _parse_size(text: str | int) -> int:
     if isinstance(text, int):
         size = text
     else:

@@ -148,15 +148,20 @@ RULES = (
         severity="warning",
     ),
     Rule(
-        "group_offload.stream_options_need_stream",
-        lambda plan, target: ", ".join(
-            name for name in ("record_stream", "low_cpu_mem_usage") if getattr(plan.group_settings, name)
-        )
-        or None
-        if plan.grouped and not plan.group_settings.use_stream
+        "group_offload.record_stream_needs_stream",
+        lambda plan, target: "record_stream"
+        if plan.grouped and plan.group_settings.record_stream and not plan.group_settings.use_stream
         else None,
-        "{0} only matters with use_stream; without streams it changes nothing.",
-        "Set use_stream to true or drop {0}.",
+        "record_stream without use_stream: diffusers' apply_group_offloading raises ValueError for it.",
+        "Set use_stream to true, or drop record_stream.",
+    ),
+    Rule(
+        "group_offload.low_cpu_mem_usage_needs_stream",
+        lambda plan, target: "low_cpu_mem_usage"
+        if plan.grouped and plan.group_settings.low_cpu_mem_usage and not plan.group_settings.use_stream
+        else None,
+        "low_cpu_mem_usage only matters with use_stream; without streams it changes nothing.",
+        "Set use_stream to true or drop low_cpu_mem_usage.",
         severity="warning",
     ),
 )
