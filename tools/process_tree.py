@@ -184,7 +184,9 @@ def _new_cgroup(name: str) -> Path | None:
         own = next(line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
     except (OSError, StopIteration, ValueError):
         return None
-    group = mount / own.lstrip("/") / name  # a child of this process's group: where that is ours to divide
+    parent = mount / own.lstrip("/")
+    _remove_stale(parent)
+    group = parent / name  # a child of this process's group: where that is ours to divide
     try:  # a read-only mount, a group not delegated to this user: no cgroup, the subreaper instead
         group.mkdir()
     except OSError:
@@ -194,6 +196,16 @@ def _new_cgroup(name: str) -> Path | None:
             group.rmdir()
         return None
     return group
+
+
+def _remove_stale(parent: Path) -> None:
+    """Empty groups left by pipefit processes that died mid-trial (a populated group cannot be removed)."""
+    with contextlib.suppress(OSError):
+        for group in parent.glob("pipefit-trial-*-*"):
+            owner = group.name.split("-")[2]
+            if owner.isdigit() and not psutil.pid_exists(int(owner)):
+                with contextlib.suppress(OSError):
+                    group.rmdir()
 
 
 def _cgroup_pids(group: Path) -> list[int]:
