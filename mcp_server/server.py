@@ -194,12 +194,13 @@ async def recommend(
 
     Next: patch_script with the chosen option's plan.
     """
-    from pipefit.tools.estimate import Workload
     from pipefit.tools.recommend import recommend as run
 
     def work(progress: Callable[[str], None]) -> Recommendation:
-        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
-        return run(model, workload, vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, progress=progress)
+        return run(
+            model, height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale,
+            vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, progress=progress,
+        )  # fmt: skip
 
     return await _call(ctx, work)
 
@@ -214,10 +215,14 @@ async def patch_script(
     overwrite: Annotated[
         bool, Field(description="replace output if it exists; replacing the script itself keeps SCRIPT.bak")
     ] = False,
+    replace: Annotated[
+        bool, Field(description="make the plan complete: drop the script's own settings the plan leaves unset")
+    ] = False,
 ) -> PatchResult:
     """Rewrite the user's script on its syntax tree so it applies the plan: quantization configs,
-    offloading, fp8 casting, VAE tiling, compile. Returns the new source, a unified diff and the
-    edits in words. Writes nothing unless output is given (show the diff to the user first; write
+    offloading, fp8 casting, VAE tiling, compile. Additive: the script's own settings the plan leaves
+    unset (VAE tiling, compile, attention, fp8 casting of other components) stay; replace drops them.
+    Returns the new source, a unified diff and the edits in words (every removal named). Writes nothing unless output is given (show the diff to the user first; write
     to a new file unless they ask to replace theirs). An existing output is refused unless overwrite
     is true; replacing the script itself keeps SCRIPT.bak. Refuses, writing nothing, when the script
     does not parse, builds no pipeline, or the plan breaks a compatibility rule; the message says which.
@@ -226,7 +231,7 @@ async def patch_script(
     """
     from pipefit.tools.patch import patch_script as run
 
-    return await _call(None, run, script, plan, output=output, overwrite=overwrite)
+    return await _call(None, run, script, plan, output=output, overwrite=overwrite, replace=replace)
 
 
 @_tool(title="Run a trial", read_only=False, idempotent=False, destructive=True, open_world=True)  # the user's code
@@ -234,6 +239,7 @@ async def run_trial(
     script: Annotated[str, Field(description="path of the Python script to run")],
     ctx: Context,
     plan: Annotated[dict | str | None, Field(description="apply this plan to a copy first")] = None,
+    replace: Annotated[bool, Field(description="as patch_script's: the plan complete, the script's own settings dropped")] = False,
     args: Annotated[list[str], Field(description="the script's command-line arguments")] = [],  # noqa: B006
     vram_cap: Annotated[str | None, Field(description="simulate a smaller NVIDIA GPU, e.g. '12GiB'")] = None,
     ram_cap: Annotated[str | None, Field(description="stop the run past this much RAM, e.g. '32GiB'")] = None,
@@ -252,7 +258,7 @@ async def run_trial(
     from pipefit.tools.trial import run_trial as run
 
     return await _call(
-        ctx, run, script, plan, args=list(args), vram_cap=vram_cap, ram_cap=ram_cap, timeout=timeout, cwd=cwd,
+        ctx, run, script, plan, replace=replace, args=list(args), vram_cap=vram_cap, ram_cap=ram_cap, timeout=timeout, cwd=cwd,
         cancel=threading.Event(),
     )  # fmt: skip
 

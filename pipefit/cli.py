@@ -116,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     where = patch.add_mutually_exclusive_group()
     where.add_argument("-o", "--output", metavar="OUT", help="write the patched script here (a new file; see --force)")
     where.add_argument("--diff", action="store_true", help="print only the unified diff (for `patch -p1`/`git apply`)")
+    patch.add_argument("--replace", action="store_true",
+                       help="make the plan complete: drop the script's own memory and speed settings the plan leaves unset")
     patch.add_argument("--force", action="store_true", dest="overwrite",
                        help="replace OUT if it exists (OUT may be SCRIPT itself: a backup SCRIPT.bak is kept)")
     patch.add_argument("--json", action="store_true", help="machine-readable output")
@@ -155,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     trial.add_argument("script", metavar="SCRIPT")
     trial.add_argument("--plan", metavar="PLAN", help="apply this plan first (inline JSON or a .json file)")
+    trial.add_argument("--replace", action="store_true", help="as for `pipefit patch`: the plan complete")
     trial.add_argument("--vram-cap", metavar="SIZE", help="simulate a smaller GPU, e.g. 12GiB (needs an NVIDIA GPU)")
     trial.add_argument("--ram-cap", metavar="SIZE", help="stop the run when its RAM passes SIZE (a simulated host)")
     trial.add_argument("--timeout", type=float, metavar="S", help="stop it after S seconds (default: 30 min; 0: none)")
@@ -208,23 +211,15 @@ def _measure(args: argparse.Namespace) -> int:
 def _recommend(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pydantic import ValidationError
-
-    from pipefit.tools.errors import invalid_input
-    from pipefit.tools.estimate import Workload
     from pipefit.tools.recommend import recommend
 
     quiet_third_party_imports()  # recommend measures, as `pipefit measure` does
 
-    try:
-        workload = Workload(height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch,
-                            guidance_scale=args.guidance_scale)  # fmt: skip
-    except ValidationError as exc:
-        raise invalid_input(exc) from None
     with Console(stderr=True).status("Measuring", spinner="dots") as spinner:
         result = recommend(
-            args.model, workload, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan, dtype=args.dtype,
-            gpu=args.gpu, progress=spinner.update,
+            args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch,
+            guidance_scale=args.guidance_scale, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan,
+            dtype=args.dtype, gpu=args.gpu, progress=spinner.update,
         )  # fmt: skip
     return _show(result, args.json, "recommendation", args.all)
 
@@ -242,7 +237,7 @@ def _patch(args: argparse.Namespace) -> int:
 
     # OUT is a path as typed in the shell: relative to where the command runs
     output = Path(args.output).expanduser().absolute() if args.output else None
-    result = patch_script(args.script, args.plan, output=output, overwrite=args.overwrite)
+    result = patch_script(args.script, args.plan, output=output, overwrite=args.overwrite, replace=args.replace)
     if args.diff and not args.json:
         sys.stdout.write(result.diff)
         return 0
@@ -257,7 +252,7 @@ def _trial(args: argparse.Namespace) -> int:
     limit = {} if args.timeout is None else {"timeout": args.timeout or None}
     with Console(stderr=True).status("Starting", spinner="dots") as spinner:
         result = run_trial(
-            args.script, args.plan, args=args.script_args, vram_cap=args.vram_cap, ram_cap=args.ram_cap,
+            args.script, args.plan, replace=args.replace, args=args.script_args, vram_cap=args.vram_cap, ram_cap=args.ram_cap,
             cwd=args.cwd, python=args.python, log_dir=args.log_dir, progress=spinner.update, **limit,
         )  # fmt: skip
     _show(result, args.json, "trial")

@@ -147,11 +147,12 @@ def _quantized_names(call: ast.Call) -> list[str]:
 @pytest.mark.parametrize("plan", sorted(PLANS))
 @pytest.mark.parametrize("name", USABLE)
 def test_patched_script_parses_is_idempotent_and_makes_the_planned_calls(name, plan):
+    """With ``replace`` the plan is complete: the script makes exactly the calls the plan implies."""
     source = (SCRIPTS / name).read_text()
-    result = patch_source(source, plan_for(name, plan), filename=name)
+    result = patch_source(source, plan_for(name, plan), filename=name, replace=True)
     ast.parse(result.source)
     check_calls(result.source, name, plan_for(name, plan))
-    again = patch_source(result.source, plan_for(name, plan), filename=name)
+    again = patch_source(result.source, plan_for(name, plan), filename=name, replace=True)
     assert not again.changed, again.diff
     assert result.changed and result.diff.startswith(f"--- a/{name}") and result.edits
     # comments on their own lines survive
@@ -163,16 +164,53 @@ def test_existing_offloading_is_replaced_not_duplicated():
     source = (SCRIPTS / "flux_half_optimized.py").read_text()
     result = patch_source(source, {"offload": "group_block"}, "flux_half_optimized.py")
     assert "enable_sequential_cpu_offload" not in result.source
-    assert "enable_layerwise_casting" not in result.source
+    assert "enable_layerwise_casting" in result.source  # the user's fp8 casting: the plan leaves it unset
     assert "# memory savers I found in the docs" in result.source
     assert any("enable_sequential_cpu_offload" in edit and "line 8" in edit for edit in result.edits)
+    complete = patch_source(source, {"offload": "group_block"}, "flux_half_optimized.py", replace=True)
+    assert "enable_layerwise_casting" not in complete.source
+    assert any("enable_layerwise_casting" in edit and "replaced" in edit for edit in complete.edits)
+    assert any("enable_slicing" in edit and "`replace`" in edit for edit in complete.edits)
 
 
 def test_removed_pipeline_level_vae_tiling_becomes_the_vae_method():
     source = (SCRIPTS / "flux_issue_report.py").read_text()
     result = patch_source(source, {"offload": "model", "vae": {"tiling": True}}, "flux_issue_report.py")
     assert "pipe.enable_vae_tiling()" not in result.source and "pipe.vae.enable_tiling()" in result.source
-    assert "pipe.enable_vae_slicing()" not in result.source
+    assert "pipe.enable_vae_slicing()" in result.source  # slicing: the plan leaves it to the script
+    complete = patch_source(source, {"offload": "model", "vae": {"tiling": True}}, "flux_issue_report.py", replace=True)
+    assert "pipe.enable_vae_slicing()" not in complete.source
+
+
+def _governed(source: str) -> list[tuple[str, frozenset[str]]]:
+    """The script's statements a plan may take over, each with what it sets (as tools/script.py reads them)."""
+    from pipefit.tools.script import analyze, parse
+
+    info = analyze(parse(source))
+    return [(info.code(statement), info.settings[key]) for key, (_, statement) in info.managed.items()]
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("name", USABLE)
+def test_by_default_the_users_own_settings_stay_unless_the_plan_sets_them(name, plan):
+    """Additive: every governed statement whose setting the plan leaves unset is still there, verbatim;
+    those the plan sets (and every placement) are gone, each named in the edits."""
+    source = (SCRIPTS / name).read_text()
+    chosen = Plan.model_validate(plan_for(name, plan))
+    try:
+        result = patch_source(source, chosen, filename=name)
+    except PipefitError as exc:  # the plan clashes with a setting the script keeps: said, and how to get past it
+        assert "together with the script's own" in str(exc) and "`replace`" in str(exc)
+        return
+    ast.parse(result.source)
+    assert not patch_source(result.source, chosen, filename=name).changed
+    for code, settings in _governed(source):
+        taken = "placement" in settings or settings <= chosen.sets
+        first = code.splitlines()[0]
+        if taken:
+            assert any(first in edit and "removed" in edit or "replaced" in edit for edit in result.edits), (code, result.edits)
+        else:
+            assert code in result.source, (code, chosen.sets)
 
 
 def test_each_loading_path_loads_as_it_says():

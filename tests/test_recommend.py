@@ -38,7 +38,7 @@ def _shared_cache(module_cache, monkeypatch):
 @pytest.fixture(scope="module")
 def flux_16(module_cache):
     os.environ["PIPEFIT_CACHE_DIR"] = str(module_cache)
-    return recommend("builtin:flux1-dev", Workload(height=1024, width=1024), vram="16GiB", ram="64GiB")
+    return recommend("builtin:flux1-dev", height=1024, width=1024, vram="16GiB", ram="64GiB")
 
 
 def _runs():
@@ -76,8 +76,8 @@ def test_derived_predictions_match_the_gpu_runs(builds):
 
 def _reasons_for(row: dict) -> list[str]:
     w = row["workload"]
-    workload = Workload(height=w["height"], width=w["width"], frames=w.get("frames"), steps=w["steps"])
-    return recommend(f"builtin:{row['build']}", workload, vram="80GiB", ram="256GiB", plan=row["plan"],
+    return recommend(f"builtin:{row['build']}", height=w["height"], width=w["width"], frames=w.get("frames"),
+                     steps=w["steps"], vram="80GiB", ram="256GiB", plan=row["plan"],
                      dtype=row["dtype"]).options[0].reasons  # fmt: skip
 
 
@@ -122,7 +122,7 @@ def test_fitting_options_pass_the_rules_and_carry_code(flux_16):
 
 
 def test_too_little_ram_rules_out_quantizing_in_host_ram_not_on_the_gpu():
-    r = recommend("builtin:flux1-dev", Workload(), vram="16GiB", ram="24GiB")
+    r = recommend("builtin:flux1-dev", vram="16GiB", ram="24GiB")
     by_id = {o.id: o for o in r.options}
     host = by_id["model+load_host+bnb_nf4(transformer,text_encoder_2)"]
     assert not host.fits
@@ -135,7 +135,7 @@ def test_too_little_ram_rules_out_quantizing_in_host_ram_not_on_the_gpu():
 def test_the_enthusiasts_machine_gets_flux_quantized():
     """Flux.1-dev at 1024x1024 on a 12 GiB card with 32 GiB of RAM: a quantized plan fits, loaded so the
     card holds one quantized component at a time or the host never holds the full-precision weights."""
-    r = recommend("builtin:flux1-dev", Workload(steps=28), vram="12GiB", ram="32GiB")
+    r = recommend("builtin:flux1-dev", steps=28, vram="12GiB", ram="32GiB")
     best = r.options[0]
     assert best.fits and best.group == "quantized" and r.shortfall is None
     plan = parse_plan(best.plan)
@@ -149,56 +149,56 @@ def test_the_enthusiasts_machine_gets_flux_quantized():
 
 
 def test_when_ram_is_short_the_weights_go_to_disk_or_the_answer_says_what_is_missing():
-    r = recommend("builtin:flux1-dev", Workload(steps=28), vram="8GiB", ram="16GiB")
+    r = recommend("builtin:flux1-dev", steps=28, vram="8GiB", ram="16GiB")
     best = r.options[0]
     assert best.fits and parse_plan(best.plan).group_settings.offload_to_disk
     assert any("of disk" in reason for reason in best.reasons)
-    nothing = recommend("builtin:flux1-dev", Workload(steps=28), vram="3GiB", ram="16GiB")
+    nothing = recommend("builtin:flux1-dev", steps=28, vram="3GiB", ram="16GiB")
     assert not any(o.fits for o in nothing.options)
     assert nothing.shortfall.startswith("Nothing fits 3.00 GiB of VRAM") and "VRAM is short" in nothing.shortfall
-    ram_short = recommend("builtin:sdxl-base", Workload(), vram="24GiB", ram="1GiB", dtype="float16")
+    ram_short = recommend("builtin:sdxl-base", vram="24GiB", ram="1GiB", dtype="float16")
     assert "RAM is short" in ram_short.shortfall and "more)" in ram_short.shortfall
 
 
 def test_vae_tiling_is_offered_where_the_decode_is_the_peak():
     # the H200 runs' workload: its dry run is the one the GPU-run test above already made
-    wan = recommend("builtin:wan2.1-t2v-1.3b", Workload(height=480, width=832, frames=33, steps=4), vram="12GiB", ram="64GiB")
+    wan = recommend("builtin:wan2.1-t2v-1.3b", height=480, width=832, frames=33, steps=4, vram="12GiB", ram="64GiB")
     by_id = {o.id: o for o in wan.options}
     assert by_id["none"].peak_stage == "vae" and "none+tiling" in by_id
     assert by_id["none+tiling"].predicted.vram_bytes < by_id["none"].predicted.vram_bytes
     # SDXL's VAE tiles at 1024 px: at 1024x1024 tiling changes nothing, so it is not offered
-    sdxl = recommend("builtin:sdxl-base", Workload(), vram="12GiB", ram="64GiB", dtype="float16")
+    sdxl = recommend("builtin:sdxl-base", vram="12GiB", ram="64GiB", dtype="float16")
     assert not any("tiling" in o.id for o in sdxl.options)
 
 
 def test_another_gpu_and_the_guidance_are_planned_for():
     """--gpu plans for a card that is not here (its memory, its vendor throughput); guidance 1 turns
     Wan's CFG off: one denoiser pass a step, less time."""
-    r = recommend("builtin:flux1-dev", Workload(steps=4), ram="64GiB", gpu="RTX 4090")
+    r = recommend("builtin:flux1-dev", steps=4, ram="64GiB", gpu="RTX 4090")
     assert r.hardware.vram_bytes == 24 * GiB and "vendor" in r.gpu_profile
-    h200 = recommend("builtin:flux1-dev", Workload(steps=4), vram="24GiB", ram="64GiB", plan="{}")
-    slow = next(o for o in recommend("builtin:flux1-dev", Workload(steps=4), ram="64GiB", gpu="RTX 4090", plan="{}").options)
+    h200 = recommend("builtin:flux1-dev", steps=4, vram="24GiB", ram="64GiB", plan="{}")
+    slow = next(o for o in recommend("builtin:flux1-dev", steps=4, ram="64GiB", gpu="RTX 4090", plan="{}").options)
     assert slow.predicted.seconds > 2 * h200.options[0].predicted.seconds
-    cfg = recommend("builtin:wan2.1-t2v-1.3b", Workload(height=256, width=256, frames=9, steps=4), vram="24GiB", ram="64GiB", plan="{}")
-    plain = recommend("builtin:wan2.1-t2v-1.3b", Workload(height=256, width=256, frames=9, steps=4, guidance_scale=1.0),
+    cfg = recommend("builtin:wan2.1-t2v-1.3b", height=256, width=256, frames=9, steps=4, vram="24GiB", ram="64GiB", plan="{}")
+    plain = recommend("builtin:wan2.1-t2v-1.3b", height=256, width=256, frames=9, steps=4, guidance_scale=1.0,
                       vram="24GiB", ram="64GiB", plan="{}")  # fmt: skip
     assert "second pass" in cfg.guidance and "no classifier-free guidance" in plain.guidance
     assert plain.options[0].predicted.seconds < cfg.options[0].predicted.seconds
 
 
 def test_a_given_plan_is_evaluated_alone():
-    r = recommend("builtin:flux1-dev", Workload(), vram="80GiB", ram="128GiB", plan='{"offload": "model"}')
+    r = recommend("builtin:flux1-dev", vram="80GiB", ram="128GiB", plan='{"offload": "model"}')
     (option,) = r.options
     assert option.fits and option.plan == {"offload": "model"} and "enable_model_cpu_offload" in option.code
     with pytest.raises(PipefitError, match="not valid"):
-        recommend("builtin:flux1-dev", Workload(), vram="80GiB", ram="128GiB", plan='{"offload": "sideways"}')
+        recommend("builtin:flux1-dev", vram="80GiB", ram="128GiB", plan='{"offload": "sideways"}')
 
 
 def test_preferences_order_differently(flux_16):
-    memory = recommend("builtin:flux1-dev", Workload(), vram="16GiB", ram="64GiB", prefer="memory")
+    memory = recommend("builtin:flux1-dev", vram="16GiB", ram="64GiB", prefer="memory")
     fitting = [o for o in memory.options if o.fits]
     assert fitting[0].predicted.vram_bytes == min(o.predicted.vram_bytes for o in fitting)
-    quality = recommend("builtin:flux1-dev", Workload(), vram="16GiB", ram="64GiB", prefer="quality")
+    quality = recommend("builtin:flux1-dev", vram="16GiB", ram="64GiB", prefer="quality")
     assert quality.options[0].group == "full_precision"  # something fits without quantizing: offloading
 
 
@@ -260,8 +260,8 @@ def test_every_built_in_family_gets_a_derived_answer(name):
     """measure, the dry run, recommend and the patched code work for every shipped family (small
     workloads keep it quick): the pipeline's own calls are traced, something fits, its code compiles."""
     video = name.startswith(VIDEO)
-    w = Workload(height=256, width=256, frames=9 if video else None, steps=2)
-    r = recommend(f"builtin:{name}", w, vram="48GiB", ram="128GiB")
+    r = recommend(f"builtin:{name}", height=256, width=256, frames=9 if video else None, steps=2, vram="48GiB",
+                  ram="128GiB")
     assert not r.warnings, r.warnings
     assert r.options[0].fits and r.guidance and "unknown" not in r.guidance
     stages = {o.peak_stage for o in r.options}  # a component's call, or loading (quantized on the GPU)

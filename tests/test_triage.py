@@ -40,7 +40,7 @@ def test_triage_reads_the_corpus(name):
             assert result.recommend_args is not None, name
             for key, value in expected.items():
                 got = result.recommend_args[key]
-                assert got == pytest.approx(_bytes(value), rel=0.01) if key == "vram_bytes" else got == value, name
+                assert got == value, name
         elif field.endswith("_bytes") and isinstance(expected, str):
             assert getattr(result, field) == pytest.approx(_bytes(expected), abs=1), f"{name}: {field}"
         else:
@@ -81,8 +81,34 @@ def test_script_gives_model_and_workload():
     assert result.workload == {"height": 1024, "width": 768, "steps": 28, "batch": 2}
     args = result.recommend_args
     assert args["model"] == "black-forest-labs/FLUX.1-dev" and args["steps"] == 28
-    assert args["vram_bytes"] == pytest.approx(23.52 * 2**30, rel=1e-3)
+    assert args["vram"] == "23.52GiB"  # the text's total, rounded down: a size recommend parses
     assert "pipefit recommend black-forest-labs/FLUX.1-dev --height 1024 --width 768 --steps 28" in result.advice[-1]
+
+
+def test_recommend_args_are_what_recommend_takes(fake_hub, monkeypatch):
+    """The hand-off: recommend(**recommend_args) in Python, and the same dict as the MCP tool's arguments."""
+    import anyio
+    import huggingface_hub.constants
+    from mcp import Client
+
+    from pipefit.mcp_server.server import server
+    from pipefit.tools.recommend import recommend
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(fake_hub))
+    script = SCRIPT.replace("num_images_per_prompt=2", "num_images_per_prompt=1").replace("1024, width=768", "256, width=256")
+    args = triage_oom((CORPUS / "flux_denoise_torch2_5.txt").read_text(), script=script).recommend_args
+    assert set(args) == {"model", "height", "width", "steps", "batch", "vram"}
+    direct = recommend(**args, ram="64GiB")
+    assert direct.workload.height == 256 and direct.workload.steps == 28 and direct.options
+    assert 23.51 * 2**30 < direct.hardware.vram_bytes <= 23.52 * 2**30
+
+    async def main():
+        async with Client(server) as client:
+            return await client.call_tool("recommend", {**args, "ram": "64GiB"})
+
+    through_mcp = anyio.run(main)
+    assert not through_mcp.is_error, through_mcp.content
+    assert through_mcp.structured_content["workload"] == direct.workload.model_dump()
 
 
 def test_unparsable_script_still_gives_the_model():

@@ -25,12 +25,17 @@ from pydantic import BaseModel, Field
 
 from .errors import PipefitError
 from .files import read_user_text
-from .plan import Plan, Target, check_plan, parse_plan
-from .script import Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse, placement_device
+from .plan import LayerwiseCastingSpec, Plan, Target, VaeSpec, check_plan, parse_plan
+from .script import (
+    SETTING_OF_METHOD, Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse,
+    placement_device, value_of,
+)  # fmt: skip
 from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
 LINE_LIMIT = 100  # longer generated calls get one argument per line
+_SETTING_WORDS = {"placement": "the placement", "vae_tiling": "VAE tiling", "vae_slicing": "VAE slicing",
+                  "compile": "compile", "attention": "the attention backend"}  # fmt: skip
 _QUANT_CONFIG = re.compile(r"QuantizationConfig|BitsAndBytesConfig|TorchAoConfig|GGUF")
 
 
@@ -46,12 +51,17 @@ class PatchResult(BaseModel):
 
 
 def patch_script(
-    script: str | Path, plan: str | dict | Plan, output: str | Path | None = None, overwrite: bool = False
+    script: str | Path, plan: str | dict | Plan, output: str | Path | None = None, overwrite: bool = False,
+    replace: bool = False,
 ) -> PatchResult:
     """Rewrite the script at ``script`` so it applies ``plan``; write it to ``output`` if given.
 
-    ``plan`` is a Plan, a dict, inline JSON or a JSON file path. Returns the new source, a unified
-    diff and the edits in words. Refuses (PipefitError, nothing written) when the script does not
+    ``plan`` is a Plan, a dict, inline JSON or a JSON file path. Additive: the script's own memory
+    and speed settings that the plan leaves unset stay (VAE tiling and slicing, fp8 casting, compile,
+    attention); a field the plan sets replaces the script's matching setting; the placement (.to,
+    offloading) is always the plan's. ``replace`` makes the plan complete: every such setting of the
+    script goes, as the plan has it. Every removal is named in the edits. Returns the new source, a
+    unified diff and the edits in words. Refuses (PipefitError, nothing written) when the script does not
     parse, builds no pipeline, or the plan breaks a compatibility rule. A relative ``output`` is
     resolved against the script's folder. An existing ``output`` is replaced only with ``overwrite``;
     replacing the script itself keeps a copy of it first (``NAME.py.bak``, numbered if taken). The
@@ -59,7 +69,7 @@ def patch_script(
     """
     path = Path(script).expanduser()
     source = read_user_text(path, "script")
-    result = patch_source(source, plan, filename=path.name)
+    result = patch_source(source, plan, filename=path.name, replace=replace)
     if output is not None:
         result.output_path = str(_write(path, Path(output).expanduser(), result.source, overwrite))
     return result
@@ -95,14 +105,15 @@ def _write(script: Path, output: Path, text: str, overwrite: bool) -> Path:
     return out
 
 
-def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.py") -> PatchResult:
+def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.py", replace: bool = False) -> PatchResult:
     """``patch_script`` on source text; writes nothing."""
     plan = parse_plan(plan)
     module, info = _analyzed(source, filename)
+    taken = {key: found for key, found in info.managed.items() if replace or _plan_takes(info.settings[key], plan.sets)}
     edits: list[str] = []
     warnings: list[str] = []
-    work = [_prepare(info, creation, plan, filename, warnings) for creation in info.creations]
-    rewriter = _Rewriter(info, work, edits)
+    work = [_prepare(info, creation, plan, filename, warnings, taken) for creation in info.creations]
+    rewriter = _Rewriter(info, work, edits, taken, plan.sets)
     new_module = module.visit(rewriter)
     edits.sort(key=lambda edit: int(m.group(1)) if (m := re.search(r"line (\d+)", edit)) else 10**9)
     new_module = _add_imports(new_module, info, [imp for w in work for imp in w.imports], edits)
@@ -116,6 +127,12 @@ def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.p
     return PatchResult(
         changed=new_source != source, source=new_source, diff=diff, edits=edits, warnings=list(dict.fromkeys(warnings))
     )
+
+
+def _plan_takes(settings: frozenset[str], plan_sets: frozenset[str]) -> bool:
+    """Whether the plan replaces a statement of the script: it sets what the statement sets (a placement
+    always; an `if` that also places goes whole, and the removal says what else it held)."""
+    return "placement" in settings or settings <= plan_sets
 
 
 @lru_cache(maxsize=8)
@@ -150,7 +167,10 @@ class _Work:
     after: cst.BaseStatement | None = None  # ... or the statement it follows
 
 
-def _prepare(info: ScriptInfo, creation: Creation, plan: Plan, filename: str, warnings: list[str]) -> _Work:
+def _prepare(
+    info: ScriptInfo, creation: Creation, plan: Plan, filename: str, warnings: list[str],
+    taken: dict[int, tuple[str, cst.BaseStatement]],
+) -> _Work:  # fmt: skip
     site = _site(info, creation, plan, warnings)
     known = {n: c for n, c in creation.components.items() if c.library in ("diffusers", "transformers")}
     target = Target(
@@ -166,6 +186,16 @@ def _prepare(info: ScriptInfo, creation: Creation, plan: Plan, filename: str, wa
             f"The plan cannot apply to {creation.pipe} (line {creation.line} of {filename}): " + " ".join(errors),
             "Nothing was changed.",
         )
+    kept = _kept_settings(info, creation, taken)
+    if kept:  # the script's own settings stay: the rules hold for the plan together with them
+        combined = plan.model_copy(update=kept)
+        clash = [f.message for f in check_plan(combined, target) if f.severity == "error" and f.message not in errors]
+        if clash:
+            raise PipefitError(
+                f"The plan cannot apply to {creation.pipe} together with the script's own {', '.join(kept)} "
+                f"(kept because the plan leaves it unset): " + " ".join(clash),
+                "Pass `replace` to make the plan complete (the script's setting goes), or remove it. Nothing was changed.",
+            )
     warnings += [f.message for f in findings]
 
     codes: list[Code] = []
@@ -181,8 +211,35 @@ def _prepare(info: ScriptInfo, creation: Creation, plan: Plan, filename: str, wa
     )  # fmt: skip
     _prepare_quantization(info, creation, plan, site, target, work, warnings)
     _prepare_device_map(info, creation, plan, work)
-    _find_anchor(info, work)
+    _find_anchor(info, work, taken)
     return work
+
+
+def _kept_settings(info: ScriptInfo, creation: Creation, taken: dict[int, tuple[str, cst.BaseStatement]]) -> dict:
+    """The plan fields the script's own kept statements amount to, for the rules: VAE tiling or
+    slicing turned on, the components it casts to fp8, compile, a named attention backend."""
+    vae, cast, kept = {}, [], {}
+    for key, (owner, statement) in info.managed.items():
+        if owner != creation.pipe or key in taken:
+            continue
+        for call in nodes_of(statement, cst.Call):
+            func = call.func
+            name = func.attr.value if isinstance(func, cst.Attribute) else getattr(func, "value", "")
+            setting = SETTING_OF_METHOD.get(name)
+            if setting in ("vae_tiling", "vae_slicing") and name.startswith("enable"):
+                vae[setting.removeprefix("vae_")] = True
+            elif setting == "layerwise_casting":
+                receiver = info.code(func.value) if isinstance(func, cst.Attribute) else info.code(call.args[0].value)
+                cast.append(receiver.rsplit(".", 1)[-1])
+            elif setting == "compile":
+                kept["compile"] = "regional" if name == "compile_repeated_blocks" else "full"
+            elif setting == "attention" and call.args and isinstance(backend := value_of(info, call.args[0].value), str):
+                kept["attention_backend"] = backend
+    if vae:
+        kept["vae"] = VaeSpec(**vae)
+    if cast:
+        kept["layerwise_casting"] = LayerwiseCastingSpec(components=cast)
+    return kept
 
 
 def _site(info: ScriptInfo, creation: Creation, plan: Plan, warnings: list[str]) -> Site:
@@ -338,7 +395,7 @@ def _prepare_device_map(info: ScriptInfo, creation: Creation, plan: Plan, work: 
         work.drop_device_map = True  # device_map="cpu" would quantize in host RAM: bitsandbytes maps to the GPU itself
 
 
-def _find_anchor(info: ScriptInfo, work: _Work) -> None:
+def _find_anchor(info: ScriptInfo, work: _Work, taken: dict[int, tuple[str, cst.BaseStatement]]) -> None:
     """Where the block goes: replacing the first governed statement after the pipeline is built (in the
     same block, before it is first called), else after the statements that go on configuring it."""
     creation = work.creation
@@ -347,7 +404,7 @@ def _find_anchor(info: ScriptInfo, work: _Work) -> None:
     start = next(i for i, s in enumerate(body) if s is creation.statement)
     pipe = creation.pipe
     for statement in body[start + 1 :]:
-        owner = info.managed.get(id(statement), (None,))[0]
+        owner = taken.get(id(statement), (None,))[0]
         if owner == pipe:
             work.anchor = statement
             return
@@ -355,7 +412,7 @@ def _find_anchor(info: ScriptInfo, work: _Work) -> None:
             break
     work.after = creation.statement
     for statement in body[start + 1 :]:
-        if id(statement) in info.managed:
+        if id(statement) in taken:
             continue
         text = info.code(statement)
         if isinstance(statement, cst.SimpleStatementLine) and text.startswith(f"{pipe}.") and f"{pipe}(" not in text:
@@ -368,8 +425,12 @@ def _find_anchor(info: ScriptInfo, work: _Work) -> None:
 
 
 class _Rewriter(cst.CSTTransformer):
-    def __init__(self, info: ScriptInfo, work: list[_Work], edits: list[str]):
+    def __init__(
+        self, info: ScriptInfo, work: list[_Work], edits: list[str], taken: dict[int, tuple[str, cst.BaseStatement]],
+        plan_sets: frozenset[str],
+    ):  # fmt: skip
         self.info = info
+        self.taken, self.plan_sets = taken, plan_sets
         self.edits = edits
         self.loaders = {id(w.creation.loader): w for w in work}
         self.assigns = {id(w.creation.assign): w for w in work}
@@ -480,7 +541,7 @@ class _Rewriter(cst.CSTTransformer):
                     self.edits.append(f"line {self.info.line_of(original)}: {configuring.quant_var} set to the plan's quantization")
                 out.append(replacement)
                 continue
-            if id(original) in self.info.managed:
+            if id(original) in self.taken:
                 carried += _user_comments(new.leading_lines)
                 w = self.anchors.get(id(original))
                 if w is not None:
@@ -491,7 +552,8 @@ class _Rewriter(cst.CSTTransformer):
                         f"placement and settings for {w.creation.pipe}"
                     )
                 else:
-                    self.edits.append(f"line {self.info.line_of(original)}: removed `{_first_line(original)}` (the plan decides this)")
+                    self.edits.append(f"line {self.info.line_of(original)}: removed `{_first_line(original)}` "
+                                      f"({self._why_taken(original)})")  # fmt: skip
                 continue
             if carried:
                 new = new.with_changes(leading_lines=[*carried, *new.leading_lines])
@@ -505,6 +567,12 @@ class _Rewriter(cst.CSTTransformer):
                 out += self._block(w, column, [])
                 self.edits.append(f"after line {self.info.line_of(original)}: added the plan's placement and settings for {w.creation.pipe}")
         return out
+
+    def _why_taken(self, statement: cst.BaseStatement) -> str:
+        settings = self.info.settings[id(statement)]
+        if "placement" not in settings and not settings <= self.plan_sets:
+            return "`replace`: the plan decides every setting"
+        return "the plan sets " + ", ".join(_SETTING_WORDS.get(s, s.replace("weights:", "") + "'s weights") for s in sorted(settings))
 
     def _block(self, work: _Work, column: str, comments: list[cst.EmptyLine]) -> list[cst.BaseStatement]:
         words = ", ".join(dict.fromkeys(edit for _, edit in work.block if edit))

@@ -101,6 +101,15 @@ class Plan(_Strict):
         return default_load(self.quantize.backend)
 
     @property
+    def sets(self) -> frozenset[str]:
+        """The script settings this plan decides (what patch replaces; the rest of the user's stay): the
+        placement always; vae_tiling, vae_slicing, compile, attention when set; weights:COMPONENT for
+        each component it quantizes or casts (how its weights are stored is then the plan's)."""
+        chosen = {"vae_tiling": self.vae.tiling, "vae_slicing": self.vae.slicing, "compile": self.compile != "none",
+                  "attention": self.attention_backend is not None}  # fmt: skip
+        return frozenset({"placement", *(name for name, on in chosen.items() if on), *(f"weights:{c}" for c in self.converted)})
+
+    @property
     def named_components(self) -> set[str]:
         """Every component the plan names: quantized, cast, or kept resident by group offloading."""
         return self.converted | set(self.group_settings.exclude)

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from .errors import PipefitError
+from .errors import PipefitError, invalid_input
 from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
@@ -90,8 +90,13 @@ class Recommendation(BaseModel):
 
 def recommend(
     model: str | PipelineMeasurement,
-    workload: Workload | None = None,
     *,
+    height: int = 1024,
+    width: int = 1024,
+    frames: int | None = None,
+    steps: int = 28,
+    batch: int = 1,
+    guidance_scale: float | None = None,
     vram: str | int | None = None,
     ram: str | int | None = None,
     prefer: Preference = "balanced",
@@ -100,7 +105,9 @@ def recommend(
     gpu: str | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Recommendation:
-    """Every strategy for ``model`` at ``workload`` on this machine (or ``vram``/``ram`` given, e.g. "16GiB"):
+    """Every strategy for ``model`` at this workload (``height`` x ``width``, video ``frames``, ``steps``,
+    ``batch`` per call, ``guidance_scale`` None for the pipeline's own) on this machine (or ``vram``/``ram``
+    given, e.g. "16GiB"):
     predicted peak VRAM (what the driver sees), RAM while loading and while running, and seconds per
     call; whether each fits and why not; ranked by ``prefer``: speed, memory, quality (least precision
     lost), or balanced (time, +10% per precision step lost).
@@ -117,8 +124,11 @@ def recommend(
     free on the GPU. Next: patch_script with the chosen plan, then run_trial to prove it.
     """
     if prefer not in PREFERENCES:
-        raise PipefitError(f"Unknown preference {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
-    workload = workload or Workload()
+        raise PipefitError(f"Unknown `prefer` {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
+    try:
+        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
+    except ValidationError as exc:
+        raise invalid_input(exc) from None
     say = progress or (lambda message: None)
     machine = _machine(vram, ram, gpu)  # first: a mistyped size is an answer in milliseconds
     measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)

@@ -34,6 +34,15 @@ COMPONENT_METHODS = frozenset({
     "enable_group_offload", "enable_tiling", "enable_slicing", "disable_tiling", "disable_slicing",
 })  # fmt: skip
 HOOK_FUNCTIONS = frozenset({"apply_group_offloading", "apply_layerwise_casting"})
+# which plan field a governed call is about (everything else: the placement, which every plan sets)
+SETTING_OF_METHOD = {
+    "enable_vae_tiling": "vae_tiling", "disable_vae_tiling": "vae_tiling", "enable_tiling": "vae_tiling",
+    "disable_tiling": "vae_tiling", "enable_vae_slicing": "vae_slicing", "disable_vae_slicing": "vae_slicing",
+    "enable_slicing": "vae_slicing", "disable_slicing": "vae_slicing",
+    "enable_layerwise_casting": "layerwise_casting", "apply_layerwise_casting": "layerwise_casting",
+    "compile_repeated_blocks": "compile", "compile": "compile",
+    "set_attention_backend": "attention", "enable_xformers_memory_efficient_attention": "attention",
+}  # fmt: skip
 ATTENTION_METHODS = frozenset({"enable_xformers_memory_efficient_attention"})
 _DTYPE_ARG = re.compile(r"^(torch\.)?(b?float\d+|half|float|dtype|torch_dtype|\w*_dtype)$")
 # pipelines whose denoiser is a UNet (by class name or hub id); everything newer uses a transformer
@@ -94,12 +103,16 @@ class ScriptInfo:
     module: cst.Module
     creations: list[Creation]
     managed: dict[int, tuple[str, cst.BaseStatement]]  # id(statement) -> (pipe, statement)
+    # id(managed statement) -> what it sets: placement, vae_tiling, vae_slicing, compile, attention, weights:COMPONENT
+    settings: dict[int, frozenset[str]]
     containers: dict[int, Container]  # id(statement) -> the block holding it
     lines: dict[int, int]  # id(node) -> line
     columns: dict[int, int]  # id(statement) -> column: its indentation
     imports: dict[str, tuple[str, str]]  # local name -> (module, imported name)
     module_aliases: dict[str, str]  # "d" -> "diffusers"
-    literals: dict[str, str]  # module-level NAME = "string"
+    constants: dict[str, str | int]  # module-level NAME = "string" or NAME = 1024
+    argparse_defaults: dict[str, str | int]  # parser.add_argument("--steps", default=28): what args.steps holds
+    calls: list[cst.Call]
 
     def line_of(self, node: cst.CSTNode) -> int:
         return self.lines.get(id(node), 0)
@@ -125,8 +138,9 @@ def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
     index = _Index()
     wrapper.visit(index)
     info = ScriptInfo(
-        module=module, creations=[], managed={}, containers=index.containers, lines=index.lines,
-        columns=index.columns, imports=index.imports, module_aliases=index.module_aliases, literals=index.literals,
+        module=module, creations=[], managed={}, settings={}, containers=index.containers, lines=index.lines,
+        columns=index.columns, imports=index.imports, module_aliases=index.module_aliases, constants=index.constants,
+        argparse_defaults=index.argparse_defaults, calls=index.calls,
     )  # fmt: skip
     for assign, statement in index.assigns:
         creation = _creation(info, assign, statement, index)
@@ -149,6 +163,7 @@ def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
         pipe = _managed_by(info, statement, pipes)
         if pipe and any(c.pipe == pipe and c.scope is scope and info.line_of(statement) > c.line for c in info.creations):
             info.managed[id(statement)] = (pipe, statement)
+            info.settings[id(statement)] = _settings(info, statement)
             if isinstance(statement, cst.If):
                 inside_managed |= {id(n) for n in nodes_of(statement, cst.SimpleStatementLine, cst.If)}
     for creation in info.creations:
@@ -200,7 +215,8 @@ def device_type(info: ScriptInfo, device: str | None) -> str | None:
     """cuda / cpu / mps when the device expression is a literal or a module-level literal; else None."""
     if device is None:
         return None
-    text = info.literals.get(device, device)
+    constant = info.constants.get(device)
+    text = f'"{constant}"' if isinstance(constant, str) else device
     match = re.fullmatch(r"""(?:torch\.device\()?["']([a-z]+)(?::\d+)?["']\)?""", text)
     return match.group(1) if match else None
 
@@ -217,11 +233,11 @@ class _Index(cst.CSTVisitor):
         self.columns: dict[int, int] = {}
         self.imports: dict[str, tuple[str, str]] = {}
         self.module_aliases: dict[str, str] = {}
-        self.literals: dict[str, str] = {}
+        self.constants: dict[str, str | int] = {}
         self.assigns: list[tuple[cst.Assign, cst.SimpleStatementLine]] = []
         self.statements: list[tuple[cst.BaseStatement, cst.CSTNode | None]] = []
         self.calls: list[cst.Call] = []
-        self.argparse_defaults: dict[str, str] = {}
+        self.argparse_defaults: dict[str, str | int] = {}
         self.assigned_values: set[int] = set()
         # name -> (line, value, statement) of each simple assignment to it
         self.bindings: dict[str, list[tuple[int, cst.BaseExpression, cst.SimpleStatementLine]]] = {}
@@ -267,10 +283,11 @@ class _Index(cst.CSTVisitor):
         # parser.add_argument("--model", default="org/name"): what `args.model` holds unless overridden
         if isinstance(node.func, cst.Attribute) and node.func.attr.value == "add_argument" and node.args:
             flag, default = node.args[0].value, keyword_arg(node, "default")
-            default = default.value if default else None
-            if isinstance(flag, cst.SimpleString) and isinstance(default, cst.SimpleString):
-                dest = str(flag.evaluated_value).lstrip("-").replace("-", "_")
-                self.argparse_defaults[dest] = str(default.evaluated_value)
+            constant = _constant(default.value) if default else None
+            if isinstance(flag, cst.SimpleString) and constant is not None:
+                dest = keyword_arg(node, "dest")
+                dest = _constant(dest.value) if dest else str(flag.evaluated_value).lstrip("-").replace("-", "_")
+                self.argparse_defaults[str(dest)] = constant
 
     def visit_Assign(self, node: cst.Assign) -> None:
         statement = self.get_metadata(ParentNodeProvider, node)
@@ -281,8 +298,8 @@ class _Index(cst.CSTVisitor):
             target = node.targets[0].target
             if isinstance(target, cst.Name):
                 self.bindings.setdefault(target.value, []).append((self.lines[id(node)], node.value, statement))
-                if self._scopes[-1] is None and isinstance(node.value, cst.SimpleString):
-                    self.literals[target.value] = node.value.value
+                if self._scopes[-1] is None and (constant := _constant(node.value)) is not None:
+                    self.constants[target.value] = constant
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
         if node.module is None or isinstance(node.names, cst.ImportStar):
@@ -319,15 +336,8 @@ def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStateme
     class_name = _pipeline_loader(info, value)
     if class_name is None:
         return None
-    model_id = None
-    if value.args and value.args[0].keyword is None:
-        first = value.args[0].value
-        if isinstance(first, cst.SimpleString):
-            model_id = first.evaluated_value
-        elif isinstance(first, cst.Name) and first.value in info.literals:
-            model_id = cst.parse_expression(info.literals[first.value]).evaluated_value
-        elif isinstance(first, cst.Attribute) and first.attr.value in index.argparse_defaults:
-            model_id = index.argparse_defaults[first.attr.value]  # args.model: the option's default
+    first = value.args[0] if value.args and value.args[0].keyword is None else keyword_arg(value, "pretrained_model_name_or_path")
+    model_id = value_of(info, first.value) if first is not None else None
     pipe = info.code(assign.targets[0].target)
     creation = Creation(
         pipe=pipe, statement=statement, assign=assign, loader=value, chain=chain, class_name=class_name,
@@ -335,6 +345,46 @@ def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStateme
         scope=next((s for st, s in index.statements if st is statement), None),
     )  # fmt: skip
     return creation
+
+
+WORKLOAD_KWARGS = {
+    "height": "height", "width": "width", "num_frames": "frames", "num_inference_steps": "steps",
+    "num_images_per_prompt": "batch", "num_videos_per_prompt": "batch",
+}  # fmt: skip  # the pipeline call's arguments -> recommend's workload
+
+
+def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | None:
+    """A string or integer the script spells out: a literal, a module constant, or ``args.NAME``'s argparse default."""
+    if (constant := _constant(expr)) is not None:
+        return constant
+    if isinstance(expr, cst.Name):
+        return info.constants.get(expr.value)
+    if isinstance(expr, cst.Attribute):
+        return info.argparse_defaults.get(expr.attr.value)
+    return None
+
+
+def call_workload(info: ScriptInfo) -> dict[str, int]:
+    """The sizes the script's pipeline calls pass (``pipe(prompt, height=768, num_inference_steps=args.steps)``),
+    in recommend's names: height, width, frames, steps, batch."""
+    pipes = {c.pipe for c in info.creations}
+    workload: dict[str, int] = {}
+    for call in info.calls:
+        if info.code(call.func) not in pipes:
+            continue
+        for arg in call.args:
+            name = arg.keyword.value if arg.keyword else None
+            if name in WORKLOAD_KWARGS and isinstance(size := value_of(info, arg.value), int):
+                workload[WORKLOAD_KWARGS[name]] = size
+    return workload
+
+
+def _constant(expr: cst.BaseExpression) -> str | int | None:
+    if isinstance(expr, cst.SimpleString):
+        return str(expr.evaluated_value)
+    if isinstance(expr, cst.Integer):
+        return int(expr.evaluated_value)
+    return None
 
 
 def nodes_of(node: cst.CSTNode, *types: type) -> list:
@@ -349,6 +399,22 @@ def nodes_of(node: cst.CSTNode, *types: type) -> list:
 
     node.visit(_Collect())
     return found
+
+
+def _settings(info: ScriptInfo, statement: cst.BaseStatement) -> frozenset[str]:
+    """What a governed statement sets, by the calls in it: a plan field's name, or ``placement``."""
+    found = set()
+    for call in nodes_of(statement, cst.Call):
+        func = call.func
+        name = func.attr.value if isinstance(func, cst.Attribute) else func.value if isinstance(func, cst.Name) else ""
+        if SETTING_OF_METHOD.get(name) == "layerwise_casting":  # a component's storage: the plan's if it names it
+            receiver = func.value if isinstance(func, cst.Attribute) else call.args[0].value if call.args else func
+            found.add(f"weights:{info.code(receiver).rsplit('.', 1)[-1]}")
+        elif name in SETTING_OF_METHOD:
+            found.add(SETTING_OF_METHOD[name])
+        elif name in PLACEMENT or name in PIPE_METHODS or name in HOOK_FUNCTIONS or name in COMPONENT_METHODS:
+            found.add("placement")
+    return frozenset(found or {"placement"})
 
 
 def _receiver_and_method(call: cst.Call, info: ScriptInfo) -> tuple[str, str] | None:

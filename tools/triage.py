@@ -8,7 +8,7 @@ call: the shortfall in bytes and the ``recommend`` arguments the failure implies
 
 from __future__ import annotations
 
-import ast
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -388,17 +388,13 @@ _MODEL_IN_TEXT = (
     re.compile(r"from_pretrained\(\s*(?:pretrained_model_name_or_path\s*=\s*)?[\"']([^\"']+)[\"']"),
     re.compile(r"models--([\w.-]+)--([\w.-]+)"),
 )
-_WORKLOAD_KWARGS = {
-    "height": "height", "width": "width", "num_frames": "frames", "num_inference_steps": "steps",
-    "num_images_per_prompt": "batch",
-}  # fmt: skip
-
-
 def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> tuple[str | None, dict[str, int]]:
+    from .script import WORKLOAD_KWARGS  # libcst: imported when a script or frame is read, not at start-up
+
     model, workload = (_from_script(script) if script else (None, {}))
     for frame in frames:  # the call's own line in the traceback, when the script is not given
-        for name, size in re.findall(rf"\b({'|'.join(_WORKLOAD_KWARGS)})\s*=\s*(\d+)\b", frame.code):
-            workload.setdefault(_WORKLOAD_KWARGS[name], int(size))
+        for name, size in re.findall(rf"\b({'|'.join(WORKLOAD_KWARGS)})\s*=\s*(\d+)\b", frame.code):
+            workload.setdefault(WORKLOAD_KWARGS[name], int(size))
     if model is None:
         for pattern in _MODEL_IN_TEXT:
             if match := pattern.search(text):
@@ -408,50 +404,28 @@ def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> t
 
 
 def _from_script(source: str) -> tuple[str | None, dict[str, int]]:
-    """The pipeline's model id and the call's sizes, from constants in the script (names followed once)."""
+    """The pipeline's model id and the call's sizes, as tools/script.py reads the script (constants,
+    argparse defaults); from its text where it does not parse or builds no pipeline."""
+    from .errors import PipefitError
+    from .script import analyze, call_workload, parse
+
     try:
-        tree = ast.parse(source)
-    except SyntaxError:
+        info = analyze(parse(source))
+    except PipefitError:
         match = _MODEL_IN_TEXT[0].search(source)
         return (match.group(1) if match else None), {}
-    constants = {
-        target.id: node.value.value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-        for target in node.targets
-        if isinstance(target, ast.Name)
-    }
-
-    def value(node: ast.AST):
-        if isinstance(node, ast.Constant):
-            return node.value
-        return constants.get(node.id) if isinstance(node, ast.Name) else None
-
-    models: list[tuple[bool, str]] = []
-    workload: dict[str, int] = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        func = node.func
-        if isinstance(func, ast.Attribute) and func.attr in ("from_pretrained", "from_single_file"):
-            arg = node.args[0] if node.args else next((k.value for k in node.keywords if k.arg and "path" in k.arg), None)
-            if arg is not None and isinstance(model := value(arg), str):
-                owner = func.value.id if isinstance(func.value, ast.Name) else ""
-                models.append((owner.endswith("Pipeline") or owner.startswith("AutoPipeline"), model))
-        for keyword in node.keywords:
-            if keyword.arg in _WORKLOAD_KWARGS and isinstance(size := value(keyword.value), int):
-                workload[_WORKLOAD_KWARGS[keyword.arg]] = size
-    models.sort(key=lambda m: not m[0])  # a pipeline's id before a component's
-    return (models[0][1] if models else None), workload
+    model = next((c.model_id for c in info.creations if c.model_id), None)
+    return model, call_workload(info)
 
 
 def _recommend_args(result: OomTriage) -> dict | None:
+    """recommend's own arguments (its names and units: ``vram`` as a size it parses), for recommend(**args)."""
     if result.model_id is None or result.kind in ("none", "incompatible_strategy"):
         return None
     args: dict = {"model": result.model_id, **result.workload}
     if result.kind in ("cuda_oom", "alloc_failure", "mps_oom") and result.total_bytes is not None:
-        usable = result.allowed_bytes or result.total_bytes
-        args["vram_bytes"] = usable - (result.other_processes_bytes or 0)
+        usable = (result.allowed_bytes or result.total_bytes) - (result.other_processes_bytes or 0)
+        args["vram"] = f"{math.floor(usable / 2**30 * 100 + 1e-6) / 100:.2f}GiB"  # rounded down: never more than there is
     return args
 
 
@@ -485,9 +459,7 @@ def _advice(result: OomTriage, signature: Signature) -> list[str]:
         advice.append(_STAGE_FIX[result.stage])
     if result.kind in _OOM_KINDS:
         args = result.recommend_args or {"model": "MODEL", **result.workload}
-        flags = "".join(f" --{k} {args[k]}" for k in ("height", "width", "frames", "steps", "batch") if k in args)
-        if "vram_bytes" in args:
-            flags += f" --vram {args['vram_bytes'] / 2**30:.2f}GiB"
+        flags = "".join(f" --{k} {args[k]}" for k in ("height", "width", "frames", "steps", "batch", "vram") if k in args)
         missing = "" if result.recommend_args else " with your model id (pass --script to find it) and image size"
         advice.append(f"Next: pipefit recommend {args['model']}{flags}{missing}: it lists every plan that fits.")
     return advice

@@ -100,6 +100,7 @@ def run_trial(
     script: str | Path,
     plan: str | dict | Plan | None = None,
     *,
+    replace: bool = False,
     args: Sequence[str] = (),
     vram_cap: str | int | None = None,
     ram_cap: str | int | None = None,
@@ -114,9 +115,9 @@ def run_trial(
 
     ``script`` runs as ``python script ARGS`` would (in ``cwd``, default the current folder, with
     ``python``, default this interpreter); the file is never modified. With ``plan`` (Plan, dict,
-    inline JSON or a JSON file) the script is first patched into a copy next to the log, and the copy
-    runs. Measures: peak VRAM as the driver sees it (NVML; null without a GPU), PyTorch's allocated
-    and reserved peaks, peak RSS of the child tree, wall time, each pipeline call's step times (via
+    inline JSON or a JSON file) the script is first patched into a copy next to the log (additive, as
+    patch_script; ``replace`` makes the plan complete), and the copy runs. Measures: peak VRAM as the
+    driver sees it (NVML; null without a GPU), PyTorch's allocated and reserved peaks, peak RSS of the child tree, wall time, each pipeline call's step times (via
     callback_on_step_end) and the time before the first step and after the last.
     ``vram_cap`` (e.g. "12GiB") simulates a smaller card: PyTorch's allocator is capped at the cap
     minus the measured CUDA context. ``ram_cap`` stops the run when the tree's RSS passes it (a
@@ -144,7 +145,7 @@ def run_trial(
     if plan is not None:  # before anything is written: a plan that does not apply stops here
         from .patch import patch_script
 
-        patched = patch_script(path, plan)
+        patched = patch_script(path, plan, replace=replace)
     nvml = Nvml()
     try:
         gpu = _cap_device(nvml, cap) if cap is not None else None
