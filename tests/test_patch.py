@@ -103,7 +103,7 @@ def check_calls(source: str, name: str, plan: dict) -> None:
         assert count(pipe, "enable_vae_tiling") == count(pipe, "enable_vae_slicing") == 0
         assert count(f"{pipe}.vae", "enable_tiling") == plan.get("vae", {}).get("tiling", False)
         assert count(f"{pipe}.vae", "enable_slicing") == plan.get("vae", {}).get("slicing", False)
-        cast = set(plan.get("layerwise_casting", {}).get("components", [])) - set(shared)
+        cast = set(plan.get("layerwise_casting", {}).get("components", [])) - set(shared) - set(prequantized)
         casting = {r.removeprefix(pipe + ".") for r, m, _ in calls if m == "enable_layerwise_casting" and r.startswith(pipe + ".")}
         assert casting == cast
         assert count(f"{pipe}.{den}", "compile_repeated_blocks") == (plan.get("compile") == "regional")

@@ -11,6 +11,7 @@ import pytest
 from pipefit.tools.triage import triage_oom
 
 CORPUS = Path(__file__).parent / "fixtures" / "tracebacks"
+REAL = Path(__file__).parent / "fixtures" / "real" / "tracebacks"
 EXPECTED = json.loads((CORPUS / "expected.json").read_text())
 _UNITS = {"bytes": 1, "MiB": 2**20, "GiB": 2**30}
 
@@ -156,6 +157,6 @@ def test_cli_missing_file_is_one_line():
 def test_every_signature_is_exercised_by_the_corpus():
     from pipefit.tools.triage import SIGNATURES
 
-    texts = [p.read_text(encoding="utf-8") for p in CORPUS.glob("*.txt")]
+    texts = [p.read_text(encoding="utf-8") for p in (*CORPUS.glob("*.txt"), *REAL.glob("*.txt"))]
     for signature in SIGNATURES:
         assert any(re.search(signature.pattern, t, flags=re.M) for t in texts), signature.pattern

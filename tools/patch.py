@@ -28,7 +28,7 @@ from .files import read_user_text
 from .plan import LayerwiseCastingSpec, Plan, Target, VaeSpec, check_plan, parse_plan
 from .script import (
     SETTING_OF_METHOD, Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse,
-    placement_device, value_of,
+    placement_device, prequantized, quantized_repo, unmask, value_of,
 )  # fmt: skip
 from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
 
@@ -118,7 +118,7 @@ def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.p
     edits.sort(key=lambda edit: int(m.group(1)) if (m := re.search(r"line (\d+)", edit)) else 10**9)
     new_module = _add_imports(new_module, info, [imp for w in work for imp in w.imports], edits)
     new_module = _set_environment(new_module, plan, edits)
-    new_source = new_module.code
+    new_source = unmask(new_module.code)
     diff = "".join(
         difflib.unified_diff(
             source.splitlines(keepends=True), new_source.splitlines(keepends=True), f"a/{filename}", f"b/{filename}"
@@ -171,6 +171,7 @@ def _prepare(
     info: ScriptInfo, creation: Creation, plan: Plan, filename: str, warnings: list[str],
     taken: dict[int, tuple[str, cst.BaseStatement]],
 ) -> _Work:  # fmt: skip
+    plan = _leave_prequantized(info, creation, plan, warnings)
     site = _site(info, creation, plan, warnings)
     known = {n: c for n, c in creation.components.items() if c.library in ("diffusers", "transformers")}
     target = Target(
@@ -213,6 +214,33 @@ def _prepare(
     _prepare_device_map(info, creation, plan, work)
     _find_anchor(info, work, taken)
     return work
+
+
+def _leave_prequantized(info: ScriptInfo, creation: Creation, plan: Plan, warnings: list[str]) -> Plan:
+    """The plan without the components that are already quantized (GGUF, a bnb or Nunchaku checkpoint, a
+    quantization_config at load, a pipeline repository saved quantized): quantizing or casting them again
+    would fail or ruin them; nor those the script passes as None. Each one left out is a warning."""
+    left_out: dict[str, str] = {}
+    for name in plan.converted:
+        component = creation.components.get(name)
+        reason = prequantized(info, component) if component is not None else None
+        if component is not None and component.absent:
+            reason = f"it is None in this script (line {component.line}): the pipeline runs without it"
+        if reason is None and component is None and quantized_repo(creation.model_id):
+            reason = f"already quantized: the pipeline repository {creation.model_id} looks saved quantized"
+        if reason is not None:
+            left_out[name] = reason
+    if not left_out:
+        return plan
+    warnings += [f"{name}: {why}; the plan's quantization or casting leaves it as it is."
+                 for name, why in left_out.items()]  # fmt: skip
+    update = {}
+    for field in ("quantize", "layerwise_casting"):
+        spec = getattr(plan, field)
+        if spec is not None:
+            kept = [c for c in spec.components if c not in left_out]
+            update[field] = spec.model_copy(update={"components": kept}) if kept else None
+    return plan.model_copy(update=update)
 
 
 def _kept_settings(info: ScriptInfo, creation: Creation, taken: dict[int, tuple[str, cst.BaseStatement]]) -> dict:
@@ -316,8 +344,6 @@ def _prepare_quantization(
                 f"Load it in this script with {name} = SomeModel.from_pretrained(...), or leave {name} out of the plan. "
                 "Nothing was changed.",
             )
-        elif keyword_arg(component.call, "quantization_config") is not None:
-            warnings.append(f"{name} (line {component.line}) already has a quantization_config; left as it is.")
         else:
             code = quantize.model_config(plan.quantize.backend, target.library_of(name), site)
             work.component_quant[id(component.call)] = (code.statements[0], component.statement)

@@ -63,6 +63,19 @@ class Nvml:
                 pass
 
 
+def _settled(nvml: Nvml, patience: float = 2.0, step: float = 0.1, noise: int = 32 * 2**20) -> list[int]:
+    """Used bytes per device once they stop falling: a process that just ended (the previous trial)
+    returns its memory over a few hundred milliseconds, and a baseline taken meanwhile is too high."""
+    deadline, before = time.monotonic() + patience, nvml.used()
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = nvml.used()
+        if all(b - n < noise for b, n in zip(before, now)):
+            return now
+        before = now
+    return before
+
+
 class TreeSampler:
     """Samples a process tree every ``interval`` seconds from ``start()`` to ``stop()``; ``members``
     lists the tree's live processes (tools/process_tree.py), looked up every ``RESCAN_S``.
@@ -80,7 +93,7 @@ class TreeSampler:
         self._members = members
         self.interval = interval
         self.nvml = nvml if nvml is not None and nvml.available else None
-        self.baseline_used = self.nvml.used() if self.nvml else []
+        self.baseline_used = _settled(self.nvml) if self.nvml else []
         self.rss_bytes = 0
         self.peak_rss_bytes = 0
         self.phase = "start"

@@ -77,6 +77,7 @@ class ComponentLoad:
     line: int
     statement: cst.BaseStatement | None = None  # the statement holding that call
     shared_from: str | None = None  # ``base.vae``: another pipeline's component
+    absent: bool = False  # passed as None: the pipeline runs without it
 
 
 @dataclass
@@ -110,7 +111,8 @@ class ScriptInfo:
     columns: dict[int, int]  # id(statement) -> column: its indentation
     imports: dict[str, tuple[str, str]]  # local name -> (module, imported name)
     module_aliases: dict[str, str]  # "d" -> "diffusers"
-    constants: dict[str, str | int]  # module-level NAME = "string" or NAME = 1024
+    constants: dict[str, str | int]  # module-level NAME = "string" or NAME = 1024 (the last one written)
+    alternatives: dict[str, list[str | int]]  # every constant each such NAME is given, in order
     argparse_defaults: dict[str, str | int]  # parser.add_argument("--steps", default=28): what args.steps holds
     calls: list[cst.Call]
 
@@ -121,11 +123,21 @@ class ScriptInfo:
         return self.module.code_for_node(node).strip()
 
 
+_MAGIC = re.compile(r"^([ \t]*)([!%].*)$", re.M)  # a notebook's shell and magic lines: !pip install, %cd
+MAGIC_MARK = "#pipefit-notebook-line: "
+
+
 def parse(source: str, filename: str = "script.py") -> cst.Module:
-    """The script's tree, or a PipefitError naming the line that does not parse."""
+    """The script's tree, or a PipefitError naming the line that does not parse. A notebook exported
+    with ``!pip`` or ``%magic`` lines parses with them kept as marked comments (``unmask`` restores them)."""
     try:
         return cst.parse_module(source)
     except cst.ParserSyntaxError as exc:
+        if _MAGIC.search(source):
+            try:
+                return cst.parse_module(_MAGIC.sub(lambda m: f"{m.group(1)}{MAGIC_MARK}{m.group(2)}", source))
+            except cst.ParserSyntaxError:
+                pass
         raise PipefitError(
             f"{filename} does not parse: line {exc.raw_line}, column {exc.raw_column + 1}: {exc.message}",
             "Fix the syntax error first; pipefit patches only valid Python and changed nothing.",
@@ -140,7 +152,7 @@ def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
     info = ScriptInfo(
         module=module, creations=[], managed={}, settings={}, containers=index.containers, lines=index.lines,
         columns=index.columns, imports=index.imports, module_aliases=index.module_aliases, constants=index.constants,
-        argparse_defaults=index.argparse_defaults, calls=index.calls,
+        alternatives=index.alternatives, argparse_defaults=index.argparse_defaults, calls=index.calls,
     )  # fmt: skip
     for assign, statement in index.assigns:
         creation = _creation(info, assign, statement, index)
@@ -169,6 +181,11 @@ def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
     for creation in info.creations:
         _link_components(info, creation, index)
     return info
+
+
+def unmask(code: str) -> str:
+    """A tree's code with a notebook's ``!`` and ``%`` lines as they were."""
+    return code.replace(MAGIC_MARK, "")
 
 
 def qualified_class(info: ScriptInfo, expr: cst.BaseExpression) -> tuple[str | None, str] | None:
@@ -212,10 +229,13 @@ def placement_device(info: ScriptInfo, call: cst.Call) -> str | None:
 
 
 def device_type(info: ScriptInfo, device: str | None) -> str | None:
-    """cuda / cpu / mps when the device expression is a literal or a module-level literal; else None."""
+    """cuda / cpu / mps when the device expression is a literal or a module-level literal (one a script
+    sets to "cuda" or "cpu" by what is available counts as its accelerator); else None."""
     if device is None:
         return None
-    constant = info.constants.get(device)
+    values = [v for v in info.alternatives.get(device, []) if isinstance(v, str)]
+    # a device chosen at run time (cuda if available, else cpu) is planned for its accelerator
+    constant = next((v for v in values if not v.startswith("cpu")), values[-1] if values else None)
     text = f'"{constant}"' if isinstance(constant, str) else device
     match = re.fullmatch(r"""(?:torch\.device\()?["']([a-z]+)(?::\d+)?["']\)?""", text)
     return match.group(1) if match else None
@@ -234,6 +254,7 @@ class _Index(cst.CSTVisitor):
         self.imports: dict[str, tuple[str, str]] = {}
         self.module_aliases: dict[str, str] = {}
         self.constants: dict[str, str | int] = {}
+        self.alternatives: dict[str, list[str | int]] = {}
         self.assigns: list[tuple[cst.Assign, cst.SimpleStatementLine]] = []
         self.statements: list[tuple[cst.BaseStatement, cst.CSTNode | None]] = []
         self.calls: list[cst.Call] = []
@@ -296,9 +317,12 @@ class _Index(cst.CSTVisitor):
         if isinstance(statement, cst.SimpleStatementLine) and len(node.targets) == 1:
             self.assigns.append((node, statement))
             target = node.targets[0].target
-            if isinstance(target, cst.Name):
-                self.bindings.setdefault(target.value, []).append((self.lines[id(node)], node.value, statement))
+            if isinstance(target, (cst.Name, cst.Attribute)):  # x = ..., self.x = ...
+                key = target.value if isinstance(target, cst.Name) else cst.Module([]).code_for_node(target)
+                self.bindings.setdefault(key, []).append((self.lines[id(node)], node.value, statement))
                 if self._scopes[-1] is None and (constant := _constant(node.value)) is not None:
+                    # `if torch.cuda.is_available(): device = "cuda" else: device = "cpu"`: every value it may hold
+                    self.alternatives.setdefault(target.value, []).append(constant)
                     self.constants[target.value] = constant
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
@@ -377,6 +401,35 @@ def call_workload(info: ScriptInfo) -> dict[str, int]:
             if name in WORKLOAD_KWARGS and isinstance(size := value_of(info, arg.value), int):
                 workload[WORKLOAD_KWARGS[name]] = size
     return workload
+
+
+# a repository saved quantized says so in its name: flux.1-dev-nf4, t5-nf4, FLUX.1-dev-bnb-4bit, svdq-int4-...
+_QUANTIZED_REPO = re.compile(
+    r"(?i)(?:^|[-_/.])(?:nf4|fp4|int4|int8|fp8|4bit|8bit|bnb|gguf|svdq|awq|gptq|q[2-8]_k(?:_[sml])?|q[458]_[01])(?:$|[-_/.])"
+)
+
+
+def prequantized(info: ScriptInfo, component: ComponentLoad) -> str | None:
+    """Why a component the script loads itself is already quantized (None: it is not, as far as the
+    script shows): a quantization_config at load, a GGUF checkpoint, a Nunchaku (SVDQuant) class, or a
+    repository whose name says it was saved quantized."""
+    if component.call is None:
+        return None
+    if keyword_arg(component.call, "quantization_config") is not None:
+        return "already quantized: it is loaded with a quantization_config"
+    if component.class_name and re.search(r"(?i)nunchaku|svdq", component.class_name):
+        return f"already quantized: {component.class_name} is a Nunchaku (SVDQuant) model"
+    source = value_of(info, component.call.args[0].value) if component.call.args else None
+    if isinstance(source, str) and source.lower().endswith(".gguf"):
+        return "already quantized: it loads a GGUF checkpoint"
+    if isinstance(source, str) and _QUANTIZED_REPO.search(source):
+        return f"already quantized: {source} looks saved quantized (its name says so)"
+    return None
+
+
+def quantized_repo(model_id: str | None) -> bool:
+    """Whether a pipeline repository's name says it was saved quantized."""
+    return bool(model_id and _QUANTIZED_REPO.search(model_id))
 
 
 def _constant(expr: cst.BaseExpression) -> str | int | None:
@@ -491,9 +544,12 @@ def _link_components(info: ScriptInfo, creation: Creation, index: _Index) -> Non
         if owner in pipes:
             creation.components[name] = ComponentLoad(name, None, None, None, info.line_of(arg.value) or creation.line, shared_from=text)
             continue
+        if isinstance(arg.value, cst.Name) and arg.value.value == "None":
+            creation.components[name] = ComponentLoad(name, None, None, None, info.line_of(arg.value) or creation.line, absent=True)
+            continue
         expr, statement = arg.value, creation.statement
-        if isinstance(expr, cst.Name):
-            earlier = [(v, st) for line, v, st in index.bindings.get(expr.value, []) if line <= creation.line]
+        if isinstance(expr, (cst.Name, cst.Attribute)):  # transformer=transformer, transformer=self.transformer
+            earlier = [(v, st) for line, v, st in index.bindings.get(text, []) if line <= creation.line]
             expr, statement = earlier[-1] if earlier else (None, None)
         expr = unchain(expr)[0] if expr is not None else None
         if not isinstance(expr, cst.Call) or not isinstance(expr.func, cst.Attribute) or expr.func.attr.value not in LOADERS:

@@ -54,13 +54,15 @@ class Signature:
     pattern: str  # a regex searched in the log, case-sensitive unless it says (?i)
     meaning: str
     fix: str
+    stage: str | None = None  # where this error can only happen, when no frame says
 
 
 # Most specific first: the first signature that matches a line wins for that line.
 SIGNATURES: tuple[Signature, ...] = (
     Signature(
-        "cuda_oom", r"(?:CUDA|HIP) out of memory|CUDA (?:driver )?error: out of memory", "The GPU ran out of memory.", ""
-    ),
+        "cuda_oom", r"(?:CUDA|HIP) out of memory|CUDA (?:driver )?error: out of memory|Allocation on device",
+        "The GPU ran out of memory.", "",
+    ),  # fmt: skip
     Signature("mps_oom", r"MPS backend out of memory", "Apple MPS ran out of unified memory.", ""),
     Signature(
         "alloc_failure", r"CUBLAS_STATUS_ALLOC_FAILED|CUFFT_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED",
@@ -80,7 +82,8 @@ SIGNATURES: tuple[Signature, ...] = (
         r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory)|std::bad_alloc|^MemoryError\b"
         r"|Cannot allocate memory|Out of memory: Kill(?:ed)? process|oom[-_]kill|Memory cgroup out of memory"
         r"|OOMKilled|exit(?:ed)?\s+(?:with\s+)?(?:code|status)\s*[:=]?\s*137\b|exit status -9\b|signal 9\b|SIGKILL"
-        r"|^Killed\s*$",
+        r"|(?:^|[\s\"'(:>])Killed(?=$|[\s\"'.,;:!)])|paging file is too small|os error 1455"
+        r"|session crashed after using all available RAM",
         "The host ran out of RAM (or hit its container limit) and the process was stopped or refused.",
         "Load with less host memory: quantize while loading, avoid pinned copies (group offload with "
         "low_cpu_mem_usage=True), or raise the container's memory limit.",
@@ -145,14 +148,25 @@ SIGNATURES: tuple[Signature, ...] = (
         "Compile the whole model (torch.compile(model)) or skip compiling it.",
     ),  # fmt: skip
     Signature(
-        "incompatible_strategy", r"Calling `(?:to|cuda)\(\)` is not supported for `(?:4|8)-bit` quantized models",
+        "incompatible_strategy",
+        r"Calling `(?:to|cuda)\(\)` is not supported for `[48]-bit`|`\.(?:to|cuda)` is not supported for `[48]-bit`",
         "A bitsandbytes-quantized model was moved between devices with an old bitsandbytes.",
         "Install bitsandbytes >= 0.48, or keep the quantized model on its device (offload the others).",
+        stage="load",
+    ),
+    Signature(
+        "incompatible_strategy", r"call `\.to\([^)]*\)` on a pipeline that has models quantized with `?bitsandbytes",
+        "The whole pipeline was moved with .to() while some of its models are bitsandbytes-quantized, with an "
+        "accelerate too old to move them.",
+        "Upgrade accelerate (and bitsandbytes >= 0.48), or load the pipeline without .to(): bitsandbytes places "
+        "the quantized models itself; offload the rest.",
+        stage="load",
     ),  # fmt: skip
     Signature(
-        "incompatible_strategy", r"activated sequential model offloading .* not compatible with offloading",
+        "incompatible_strategy", r"activated sequential model offloading",
         "The pipeline was moved to the GPU after enable_sequential_cpu_offload.",
         "Remove the pipe.to('cuda') call: offloading moves weights itself.",
+        stage="load",
     ),  # fmt: skip
 )
 
@@ -180,24 +194,28 @@ _NUMBER = r"([\d.]+)\s*(bytes|B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)"
 # torch prints sizes in powers of 1024, labelled KiB/MiB/GiB (CUDA) or KB/MB/GB (MPS)
 _SCALE = {"bytes": 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 _SCALE |= {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+# torch's messages of each era; "Allocation on device ... would exceed allowed memory" is the one the
+# cudaMallocAsync backend and ComfyUI's summary print (Requested, Device limit, Free according to CUDA)
 _CUDA_FIELDS = {
-    "tried_to_allocate_bytes": rf"Tried to allocate {_NUMBER}",
-    "total_bytes": rf"total capac\w* of {_NUMBER}|{_NUMBER} total capacity",
-    "free_bytes": rf"of which {_NUMBER} is free|{_NUMBER} free",
-    "allocated_bytes": rf"{_NUMBER} is allocated by PyTorch|{_NUMBER} already allocated",
+    "tried_to_allocate_bytes": rf"Tried to allocate {_NUMBER}|Requested\s*:\s*{_NUMBER}",
+    "total_bytes": rf"total capac\w* of {_NUMBER}|{_NUMBER} total capacity|Device limit\s*:\s*{_NUMBER}",
+    "free_bytes": rf"of which {_NUMBER} is free|{_NUMBER} free|Free \(according to CUDA\)\s*:\s*{_NUMBER}",
+    "allocated_bytes": rf"{_NUMBER} is allocated by PyTorch|{_NUMBER} already allocated|Currently allocated\s*:\s*{_NUMBER}"
+    rf"|Allocated memory: memory={_NUMBER}",
     "reserved_unallocated_bytes": rf"{_NUMBER} is reserved by PyTorch but unallocated",
-    "reserved_bytes": rf"{_NUMBER} reserved in total by PyTorch|{_NUMBER} cached\)",
+    "reserved_bytes": rf"{_NUMBER} reserved in total by PyTorch|{_NUMBER} cached\)|Max reserved memory: max_reserved={_NUMBER}",
     "allowed_bytes": rf"{_NUMBER} allowed;",
 }
+# MPS's "other allocations" are this process's memory outside the MPS allocator, not other processes'
 _MPS_FIELDS = {
     "allocated_bytes": rf"MPS allocated: {_NUMBER}",
-    "other_processes_bytes": rf"other allocations: {_NUMBER}",
     "total_bytes": rf"max allowed: {_NUMBER}",
     "tried_to_allocate_bytes": rf"Tried to allocate {_NUMBER}",
 }
 _HOST_FIELDS = {"tried_to_allocate_bytes": r"you tried to allocate (\d+) bytes"}
 _ROUNDING = 32 * 2**20  # torch prints two decimals: differences below this are noise
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PREFIX = re.compile(r"^\s*(?:\[rank\d+\]:\s?|>\s?)+")  # torchrun's per-rank prefix, a quoted log
 
 
 def triage_oom(text: str, script: str | None = None) -> OomTriage:
@@ -213,7 +231,7 @@ def triage_oom(text: str, script: str | None = None) -> OomTriage:
     frames, advice, and the ``recommend`` arguments it implies. Text with no error gives kind "none".
     Next step: ``detect_hardware``, then ``measure_components`` and ``recommend`` with recommend_args.
     """
-    lines = _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [_PREFIX.sub("", line) for line in _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     found = _find_error(lines)
     if found is None:
         return OomTriage(kind="none", advice=["No error in the text: nothing ran out of memory."])
@@ -223,12 +241,15 @@ def triage_oom(text: str, script: str | None = None) -> OomTriage:
     error = re.split(r"\s+(?:If reserved|See documentation|CUDA kernel errors might)", message.strip())[0]
     result = OomTriage(kind=signature.kind, error=error[:400])
     numbers = {"cuda_oom": _CUDA_FIELDS, "mps_oom": _MPS_FIELDS, "host_oom": _HOST_FIELDS}.get(signature.kind, {})
+    # a log may print the numbers once (ComfyUI's summary) and the error again with its traceback
+    messages = [message, *(_message_at(lines, i) for i in _occurrences(lines, signature) if i != index)]
     for field, pattern in numbers.items():
-        setattr(result, field, _read_size(pattern, message))
+        setattr(result, field, next((size for m in messages if (size := _read_size(pattern, m)) is not None), None))
     if signature.kind == "cuda_oom":
         _read_cuda_extras(result, message)
-    frames = _frames_before(lines, index)
+    frames = _frames_before(lines, index) or _frames_after(lines, index)
     result.stage, result.component = _stage_and_component(frames)
+    result.stage = result.stage or signature.stage or _stage_from_log(lines, index)
     result.model_id, result.workload = _model_and_workload(text, script, frames)
     if result.tried_to_allocate_bytes is not None and result.free_bytes is not None:
         result.shortfall_bytes = max(0, result.tried_to_allocate_bytes - result.free_bytes)
@@ -252,14 +273,22 @@ def _find_error(lines: list[str]) -> tuple[int, Signature] | None:
     return [h for h in hits if rank.get(h[1].kind, len(rank)) == best][-1]
 
 
+def _occurrences(lines: list[str], signature: Signature) -> list[int]:
+    return [i for i, line in enumerate(lines) if re.search(signature.pattern, line)]
+
+
 def _message_at(lines: list[str], index: int) -> str:
-    """The error message from its line on: torch's numbers may continue on wrapped lines."""
-    message = [lines[index]]
-    for line in lines[index + 1 : index + 6]:
-        if not line.strip() or line.lstrip().startswith(("File ", "Traceback", "During handling", "The above")):
+    """The error message from its line on: torch's numbers may continue on wrapped lines, and a log
+    pasted into markdown puts a blank line between each (two blank lines end it, as does a frame)."""
+    message, blanks = [lines[index]], 0
+    for line in lines[index + 1 : index + 16]:
+        if line.lstrip().startswith(("File ", "Traceback", "During handling", "The above")):
+            break
+        blanks = blanks + 1 if not line.strip() else 0
+        if blanks == 2:
             break
         message.append(line)
-    return " ".join(part.strip() for part in message)
+    return " ".join(part.strip() for part in message if part.strip())
 
 
 def _read_size(pattern: str, message: str) -> int | None:
@@ -298,13 +327,19 @@ class Frame:
 
 
 _PY_FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line \d+, in (?P<func>\S+)')
-_IPY_FRAME = re.compile(r"^\s*(?:File (?P<path>.+?):\d+, in (?P<func>[\w.<>]+)|Cell In\[\d+\], line \d+)")
+_IPY_FRAME = re.compile(
+    r"^\s*(?:File \[?(?P<path>[^\]\s]+?):\d+\]?(?:\([^)]*\))?(?:, in (?P<func>[\w.<>]+))?|Cell In\[\d+\], line \d+)"
+)  # Jupyter's frames, also pasted as markdown links: File [~/x/hooks.py:166](http://...)
 _IPY_CODE = re.compile(r"^\s*-+>\s*\d+\s+(?P<code>.*)")
 
 
 def _frames_before(lines: list[str], index: int) -> list[Frame]:
     """The frames of the traceback that ends at ``index``, outermost first."""
     start = max((i for i in range(index) if "Traceback (most recent call last)" in lines[i]), default=0)
+    return _frames_in(lines, start, index)
+
+
+def _frames_in(lines: list[str], start: int, index: int) -> list[Frame]:
     frames: list[Frame] = []
     for i in range(start, index):
         match = _PY_FRAME.match(lines[i]) or _IPY_FRAME.match(lines[i])
@@ -325,6 +360,13 @@ def _frames_before(lines: list[str], index: int) -> list[Frame]:
     return frames
 
 
+def _frames_after(lines: list[str], index: int) -> list[Frame]:
+    """The traceback printed after the error line (ComfyUI's "!!! Exception during processing !!!")."""
+    start = next((i for i in range(index + 1, min(len(lines), index + 40)) if "Traceback (most recent call last)" in lines[i]), index)
+    end = next((i for i in range(start + 1, len(lines)) if _find_error(lines[i : i + 1])), len(lines))
+    return _frames_before(lines, end) if start > index else _frames_in(lines, index + 1, end)  # a pasted piece: no header
+
+
 _VAE_PATH = r"/diffusers/models/(?:autoencoders/|autoencoder_\w+\.py|vae\.py)"  # and diffusers < 0.25's flat layout
 _DENOISER_PATH = r"/diffusers/models/(?:transformers/|unets/|controlnets?/|(?:unet|transformer|controlnet)_\w+\.py)"
 _COMPONENT_CALL = re.compile(
@@ -336,7 +378,7 @@ _STAGE_BY_PATH = (
     (_VAE_PATH, r"(?i)decode|decoder|upsample", "vae_decode"),
     (_VAE_PATH, r"(?i)encode|encoder", "vae_encode"),
     (_DENOISER_PATH, r".", "denoise"),
-    (r"/transformers/models/", r".", "text_encode"),
+    (r"/transformers/models/(?!auto/)", r".", "text_encode"),
     (r"/diffusers/pipelines/", r"^(?:encode_prompt|_encode_prompt\w*|_get_\w*prompt_embeds|encode_image)$",
      "text_encode"),
     # not accelerate's hooks: offloading moves weights with them while a component runs
@@ -359,22 +401,89 @@ _COMPONENT_BY_PATH = (
 )
 
 
+# Beyond diffusers: ComfyUI, A1111, Forge, SD.Next and the models' own repos name their files and
+# functions after what they do. A frame's stage comes from the most specific of: diffusers' own paths
+# above, these paths, its function's name, its line of code.
+_ANY_VAE_PATH = r"(?i)(?:^|/)(?:\w*vae\w*|autoencoder\w*)(?:\.py$|/)|/autoencoders/|/ldm/models/autoencoder"
+_ANY_TEXT_PATH = (
+    r"(?i)/(?:text_encoders?|t5|umt5|clip|sd1_clip|sdxl_clip|llama|qwen\w*|gemma\w*|mistral|siglip|text_encoder\w*)"
+    r"(?:\.py$|/)|/transformers/models/|/modeling_(?:t5|clip|umt5|llama|qwen\w*|gemma\w*)\.py$"
+)
+_ANY_DENOISER_PATH = (
+    r"(?i)/(?:k_diffusion|samplers?|sampling|sd_samplers\w*|openaimodel|model_base|mmdit|\w*dit\w*|\w*unet\w*"
+    r"|\w*transformer\w*)(?:\.py$|/)|/modules/models?\.py$"
+)
+_STAGE_BY_FUNCTION = (
+    (r"(?i)^(?:decode\w*|\w*_decode|decode_first_stage|tiled_decode\w*)$", "vae_decode"),
+    (r"(?i)^(?:encode_prompt|_encode_prompt\w*|encode_text\w*|get_learned_conditioning|encode_token_weights"
+     r"|encode_from_tokens\w*|_get_\w*prompt_embeds|encode_with_transformers)$", "text_encode"),
+    (r"(?i)^(?:encode_first_stage|tiled_encode\w*|vae_encode\w*|encode_image|\w*_encode_image)$", "vae_encode"),
+    (r"(?i)^(?:sample\w*|\w*_sample|denoise\w*|sampling_function|calc_cond\w*|apply_model|p_sample\w*"
+     r"|\w*ksampler)$", "denoise"),
+    (r"^(?:from_pretrained|from_single_file|load\w*|_load\w*|to|cuda|_apply|convert|enable_\w*offload\w*"
+     r"|model_load|__init__|dispatch_model)$", "load"),
+)  # fmt: skip
+_MORE_STAGE_BY_CODE = (
+    (r"\bclip\.encode|encode_from_tokens|\.encode_token_weights|text_encoder\w*\(", "text_encode"),
+    (r"\bvae_decode\(|\.decode\(\s*(?:latents?|samples?|z)\b", "vae_decode"),
+    (r"\bvae_encode\(|\bvae\.encode\(", "vae_encode"),
+)
+
+
+_MOVES_WEIGHTS = re.compile(
+    r"^(?:to|cuda|_apply|convert|pre_forward|new_forward|set_module_tensor_to_device|load_models_gpu|model_load"
+    r"|onload_\w*|_onload\w*|dispatch_model|send_to_device)$"
+)  # moving weights onto the GPU: inside a working stage (an offload hook, ComfyUI's lazy load) it is that stage
+
+
+def _frame_stage(frame: Frame, chain: list[Frame]) -> str | None:
+    """What one frame says about the stage (None: nothing); ``chain`` is the whole stack, for a VAE's
+    direction (an encoder's layers are named like a decoder's)."""
+    for path, function, stage in _STAGE_BY_PATH:
+        if re.search(path, frame.path) and re.search(function, frame.function):
+            return stage
+    user_code = "site-packages" not in frame.path and "dist-packages" not in frame.path
+    for pattern, stage in (_STAGE_BY_CODE if user_code else _STAGE_BY_CODE[:4]) + _MORE_STAGE_BY_CODE:
+        if re.search(pattern, frame.code):
+            return stage
+    if "/diffusers/" in frame.path:
+        return None  # diffusers' own files: the specific rules above said all there is
+    if frame.function == "__init__" and re.search(r"/(?:models?|modules|text_encoders?|ldm)/", frame.path):
+        return "load"  # a model built on the GPU allocates its weights as it is made
+    if re.search(_STAGE_BY_FUNCTION[-1][0], frame.function) or _MOVES_WEIGHTS.search(frame.function):
+        return "load"  # loading or moving a model, whichever file it is in
+    if re.search(_ANY_VAE_PATH, frame.path):
+        names = " ".join(f.function for f in chain)
+        return "vae_encode" if re.search(r"(?i)encode", names) and not re.search(r"(?i)decode", names) else "vae_decode"
+    if re.search(_ANY_TEXT_PATH, frame.path):
+        return "text_encode"
+    for pattern, stage in _STAGE_BY_FUNCTION:
+        if re.search(pattern, frame.function):
+            return stage
+    if re.search(_ANY_DENOISER_PATH, frame.path) and frame.function in ("forward", "_forward", "__call__"):
+        return "denoise"
+    return None
+
+
 def _stage_and_component(frames: list[Frame]) -> tuple[str | None, str | None]:
-    """Innermost frame that tells first: a model's own file, a pipeline step, then the code line."""
-    stage = component = None
+    """The stage: the innermost frame that names one; where that frame moves weights onto the GPU
+    (accelerate's offload hooks, ComfyUI's lazy loading), the working stage around it, if any: that
+    stage failed, and telling a user who already offloads to offload would not help. The component:
+    the innermost call of one in a pipeline or the user's code, else the outermost model file."""
+    verdicts = [_frame_stage(frame, frames) for frame in frames]
+    stage = None
+    for i in reversed(range(len(frames))):
+        if verdicts[i] is None:
+            continue
+        stage = verdicts[i]
+        if stage == "load" and _MOVES_WEIGHTS.search(frames[i].function):
+            stage = next((v for v in reversed(verdicts[:i]) if v not in (None, "load")), "load")
+        break
+    component = None
     for frame in reversed(frames):
-        if stage is None:
-            stage = next(
-                (s for p, f, s in _STAGE_BY_PATH if re.search(p, frame.path) and re.search(f, frame.function)), None
-            )
-            if stage is None and "site-packages" not in frame.path and "dist-packages" not in frame.path:
-                stage = next((s for p, s in _STAGE_BY_CODE if re.search(p, frame.code)), None)
-            elif stage is None:
-                stage = next((s for p, s in _STAGE_BY_CODE[:4] if re.search(p, frame.code)), None)
         in_a_model = re.search(r"/(?:diffusers|transformers)/models/", frame.path)  # a pipeline or the user's code
-        if component is None and not in_a_model and (call := _COMPONENT_CALL.search(frame.code)):
+        if not in_a_model and (call := _COMPONENT_CALL.search(frame.code)):
             component = call.group(1)
-        if stage and component:
             break
     if component is None:  # the outermost model: a UNet's attention blocks live in transformers/
         for frame in frames:
@@ -382,6 +491,49 @@ def _stage_and_component(frames: list[Frame]) -> tuple[str | None, str | None]:
             if component:
                 break
     return stage, component
+
+
+# what a log shows where no frame tells: ComfyUI's node, the last progress bar, the words around it
+_STAGE_BY_NODE = (
+    (r"(?i)\w*(?:VAE|Video)?Decode\w*", "vae_decode"),
+    (r"(?i)\w*VAEEncode\w*|\w*(?:Image|Video)Encode\w*", "vae_encode"),
+    (r"(?i)\w*(?:Text|CLIP|Wildcard|Prompt)\w*Encode\w*|\w*TextEncoder\w*", "text_encode"),
+    (r"(?i)\w*Sampler\w*|\w*Sample\w*", "denoise"),
+    (r"(?i)\w*Loader\w*|\w*Load\w*", "load"),
+)
+_NODE = re.compile(r"(?:Error occurred when executing|Node Type:\**|Prompt executed in|node)\s*\**\s*([A-Za-z][\w]+)")
+_PROGRESS = re.compile(r"(?P<label>[^|%]*?)\s*(?P<pct>\d+)%\|[^|]*\|\s*(?P<done>\d+)/(?P<total>\d+)")
+_LOADING_BAR = re.compile(r"(?i)load|fetch|download|shard|writing|components")
+_STAGE_BY_WORDS = (  # prose, not identifiers: `text_encoder=None` in a pasted script says nothing
+    (r"(?i)(?<![\w.])(?:vae )?decod(?:e|ing|er)(?![\w(])|\bdecode_first_stage\b", "vae_decode"),
+    (r"(?i)(?<![\w.])vae encod(?:e|ing|er)(?![\w(])", "vae_encode"),
+    (r"(?i)(?<![\w.])(?:text encod(?:er|ing)|prompt encod\w*)(?![\w(])|\bencode_prompt\b", "text_encode"),
+    (r"(?i)\b(?:while|when|during|at) (?:loading|load)\b|\bfrom_pretrained\(|\bpipe(?:line)?\s*=\s*pipe(?:line)?\.to\("
+     r"|\bloading (?:the )?(?:model|checkpoint|pipeline|weights)", "load"),
+    (r"(?i)(?<![\w.])(?:sampling|denois\w+)(?![\w(])", "denoise"),
+)  # fmt: skip
+
+
+def _stage_from_log(lines: list[str], index: int) -> str | None:
+    """The stage where no traceback frame tells: the node ComfyUI names, the progress bar last drawn
+    before the error (a denoising loop under way: denoise; finished: the decode after it; only loading
+    bars: load), then the words of the log."""
+    window = lines[max(0, index - 40) : index + 40]
+    for line in window:
+        if match := _NODE.search(line):
+            for pattern, stage in _STAGE_BY_NODE:
+                if re.fullmatch(pattern, match.group(1)):
+                    return stage
+    bars = [m for line in lines[max(0, index - 40) : index + 1] for m in _PROGRESS.finditer(line)]
+    if bars:
+        last = bars[-1]
+        if not _LOADING_BAR.search(last.group("label")):
+            return "vae_decode" if last.group("done") == last.group("total") != "0" else "denoise"
+        if all(_LOADING_BAR.search(b.group("label")) for b in bars):
+            return "load"
+    said = [(abs(i - index), rank, stage) for i, line in enumerate(lines)
+            for rank, (pattern, stage) in enumerate(_STAGE_BY_WORDS) if re.search(pattern, line)]  # fmt: skip
+    return min(said)[2] if said else None  # the words nearest the error
 
 
 _MODEL_IN_TEXT = (

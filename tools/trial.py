@@ -286,7 +286,7 @@ def _execute(spec: _Spec, nvml: Nvml, progress: Callable[[str], None], cancel: t
     config = {"events": str(spec.events_path), "import_dir": str(spec.script), "vram_cap_bytes": spec.vram_cap,
               "cgroup": str(tree.cgroup) if tree.cgroup else None}  # fmt: skip
     if spec.gpu is not None:
-        config["others_bytes"] = sampler.baseline_used[spec.gpu[0]]
+        config["others_bytes"], config["nvml_index"] = sampler.baseline_used[spec.gpu[0]], spec.gpu[0]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", trial_runner.CONFIG_ENV: json.dumps(config), **tree.environment}
     oom_kills_before = cgroup_oom_kills()
     events = _EventLog(spec.events_path)

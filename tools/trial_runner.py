@@ -99,11 +99,13 @@ def _reset_peaks() -> None:
         _torch().cuda.reset_peak_memory_stats()
 
 
-def cap_vram(events: Events, cap_bytes: int, others_bytes: int) -> None:
+def cap_vram(events: Events, cap_bytes: int, others_bytes: int, nvml_index: int | None = None) -> None:
     """Make GPU 0 behave like a card of ``cap_bytes``: PyTorch may reserve the cap minus the context.
 
-    ``others_bytes`` is what other processes held on the device before this one started (from the
-    parent's NVML reading), so that what this process adds by starting CUDA is its context.
+    The context is this process's device memory as NVML lists it (GPU ``nvml_index``) less what the
+    allocator reserved; where NVML cannot list it, what the device gained beyond ``others_bytes``, what
+    other processes held before this one started (the parent's reading; memory a process that just
+    ended is still returning makes that figure low, hence NVML first).
     """
     torch = _torch()
     if not torch.cuda.is_available():
@@ -112,7 +114,11 @@ def cap_vram(events: Events, cap_bytes: int, others_bytes: int) -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     torch.empty(1, device=device)  # starts the context and the allocator
     free, total = torch.cuda.mem_get_info(device)
-    context = max(0, total - free - others_bytes - torch.cuda.memory_reserved(device))
+    own = _own_device_bytes(nvml_index)
+    if own is not None:  # NVML's figure for this process: the context plus what the allocator reserved
+        context = max(0, own - torch.cuda.memory_reserved(device))
+    else:  # NVML cannot name this process (a container's PID namespace): the device's growth since the start
+        context = max(0, total - free - others_bytes - torch.cuda.memory_reserved(device))
     budget = cap_bytes - context
     if budget <= 0 or cap_bytes > total:
         events.emit("cap", error="cap outside the device", context_bytes=context, total_bytes=total)
@@ -122,6 +128,24 @@ def cap_vram(events: Events, cap_bytes: int, others_bytes: int) -> None:
         )
     torch.cuda.set_per_process_memory_fraction(budget / total, device)
     events.emit("cap", context_bytes=context, total_bytes=total, allocator_bytes=budget, device=device.index)
+
+
+def _own_device_bytes(nvml_index: int | None) -> int | None:
+    """This process's device memory on GPU ``nvml_index`` as NVML lists it, or None (no NVML, not listed)."""
+    if nvml_index is None:
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no nvidia-ml-py under this interpreter, no driver library: the other way
+        return None
+    return mine[0] if mine and mine[0] is not None else None
 
 
 class PipelineTracer:
@@ -261,7 +285,9 @@ def main() -> int:
     events = Events(config["events"])
     hooks = {"diffusers.pipelines.pipeline_utils": PipelineTracer(events).install}
     if config.get("vram_cap_bytes"):
-        hooks["torch"] = lambda _: cap_vram(events, config["vram_cap_bytes"], config.get("others_bytes") or 0)
+        hooks["torch"] = lambda _: cap_vram(
+            events, config["vram_cap_bytes"], config.get("others_bytes") or 0, config.get("nvml_index")
+        )
     sys.meta_path.insert(0, AfterImport(hooks))
     events.emit("start", pid=os.getpid(), cgroup=joined)
     code = 0
