@@ -20,28 +20,11 @@ from pipefit.tools.errors import PipefitError
 from pipefit.tools.patch import patch_source
 from pipefit.tools.plan import Plan
 from pipefit.tools.script import analyze, parse, unmask
-from pipefit.tools.triage import triage_oom
 
 REAL = Path(__file__).parent / "fixtures" / "real"
 LOGS = json.loads((REAL / "tracebacks" / "expected.json").read_text())
 LOGS.pop("_about")
 SCRIPTS = json.loads((REAL / "scripts" / "index.json").read_text())
-SIZE = re.compile(r"([\d.,]+)\s*([KMGT]i?B|bytes|B)")
-SCALE = {"B": 1, "bytes": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40} | {
-    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}  # fmt: skip
-
-
-def _bytes(text: str) -> float:
-    value, unit = SIZE.fullmatch(text.strip()).groups()
-    return float(value.replace(",", "")) * SCALE[unit]
-
-
-def _pasted(name: str) -> str:
-    """The log as its reporter posted it: the issue's title and body (the source line is ours)."""
-    lines = (REAL / "tracebacks" / name).read_text(encoding="utf-8").splitlines()
-    return "\n".join(line.removeprefix("# title: ") for line in lines if not line.startswith("# source:"))
-
-
 def test_every_real_log_has_its_source_and_expectations():
     files = {p.name for p in (REAL / "tracebacks").glob("*.txt")}
     assert len(files) >= 40 and files == set(LOGS)
@@ -50,25 +33,16 @@ def test_every_real_log_has_its_source_and_expectations():
 
 
 def test_triage_on_real_logs_meets_its_targets():
-    kinds, numbers, stages, misses = [], [], [], []
-    for name, row in sorted(LOGS.items()):
-        result = triage_oom(_pasted(name))
-        kinds.append(result.kind == row["kind"])
-        if not kinds[-1]:
-            misses.append(f"{name}: kind {result.kind}, not {row['kind']}")
-        if "stage" in row:
-            stages.append(result.stage == row["stage"])
-            if not stages[-1]:
-                misses.append(f"{name}: stage {result.stage}, not {row['stage']}")
-        for field, text in row.items():
-            if field.endswith("_bytes"):
-                got, want = getattr(result, field), _bytes(text)
-                numbers.append(got is not None and abs(got - want) <= max(0.006 * want, 1))
-                if not numbers[-1]:
-                    misses.append(f"{name}: {field} {got}, not {text}")
-    rates = {"kind": sum(kinds) / len(kinds), "numbers": sum(numbers) / len(numbers), "stage": sum(stages) / len(stages)}
+    """bench/triage_corpus.py's tally (it prints the same figures, misses named)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("triage_corpus", Path(__file__).parents[1] / "bench" / "triage_corpus.py")
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    tally, misses = corpus.score()
+    rates = {measure: right / of for measure, (right, of) in tally.items()}
+    assert tally["stage"][1] >= 25 and tally["numbers"][1] >= 100
     summary = ", ".join(f"{k} {v:.0%}" for k, v in rates.items())
-    assert len(stages) >= 25 and len(numbers) >= 100
     assert rates["kind"] >= 0.95 and rates["numbers"] >= 0.98 and rates["stage"] >= 0.80, summary + "\n" + "\n".join(misses)
 
 

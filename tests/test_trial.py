@@ -160,7 +160,7 @@ def _cgroup_allowed() -> bool:
     return tree.cgroup is not None
 
 
-@pytest.mark.parametrize("environment", ["kept", "dropped"])
+@pytest.mark.parametrize("environment", ["dropped", pytest.param("kept", marks=pytest.mark.slow)])  # dropped: the harder
 @pytest.mark.parametrize("mode", ["hang", "exit"])
 @pytest.mark.parametrize("containment", ["cgroup", "subreaper"])
 def test_a_double_fork_into_a_new_session_is_stopped_too(tmp_path, monkeypatch, containment, mode, environment):
@@ -176,7 +176,7 @@ def test_a_double_fork_into_a_new_session_is_stopped_too(tmp_path, monkeypatch, 
         monkeypatch.setattr(process_tree, "_new_cgroup", lambda name: None)
     pid_file = tmp_path / "pid"
     extra = ["clean-env"] if environment == "dropped" else []
-    result = trial("escapes.py", pid_file, mode, *extra, timeout=3 if mode == "hang" else None)
+    result = trial("escapes.py", pid_file, mode, *extra, timeout=1.5 if mode == "hang" else None)
     escaped = int(pid_file.read_text())
     assert result.containment == containment
     assert result.outcome == ("timeout" if mode == "hang" else "ok")

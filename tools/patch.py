@@ -235,11 +235,11 @@ def _leave_prequantized(info: ScriptInfo, creation: Creation, plan: Plan, warnin
     warnings += [f"{name}: {why}; the plan's quantization or casting leaves it as it is."
                  for name, why in left_out.items()]  # fmt: skip
     update = {}
-    for field in ("quantize", "layerwise_casting"):
-        spec = getattr(plan, field)
+    for name in ("quantize", "layerwise_casting"):
+        spec = getattr(plan, name)
         if spec is not None:
             kept = [c for c in spec.components if c not in left_out]
-            update[field] = spec.model_copy(update={"components": kept}) if kept else None
+            update[name] = spec.model_copy(update={"components": kept}) if kept else None
     return plan.model_copy(update=update)
 
 
