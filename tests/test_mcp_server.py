@@ -306,13 +306,13 @@ def test_stdio_server_in_a_child_process(tmp_path):
         async with Client(params) as client:
             tools = (await client.list_tools()).tools
             triage = await client.call_tool("triage_oom", {"text": TRACEBACK})
-            advice = await client.call_tool("recommend", {"model": "builtin:sdxl-base", "vram": "8GiB", "ram": "32GiB"})
+            # recommend over stdio: tests/test_faults.py (34 cases, one a fitting answer)
             bad = await client.call_tool("measure_components", {"model": "/no/such/folder"})
             await _cancel_once_started(client, pid_file)
             after = await client.call_tool("detect_hardware", {})
-            return tools, triage, advice, bad, after
+            return tools, triage, bad, after
 
-    tools, triage, advice, bad, after = run(main)
+    tools, triage, bad, after = run(main)
 
     async def in_memory():
         async with Client(server) as client:
@@ -320,7 +320,6 @@ def test_stdio_server_in_a_child_process(tmp_path):
 
     assert {t.name: t.input_schema for t in tools} == {t.name: t.input_schema for t in run(in_memory)}
     assert triage.structured_content["kind"] == "cuda_oom"
-    assert any(o["fits"] for o in advice.structured_content["options"])
     assert bad.is_error and "/no/such/folder" in _text(bad)
     assert gone_within([int(p) for p in pid_file.read_text().split()], 15)
     assert not after.is_error

@@ -155,8 +155,15 @@ def _cache_key(root: Path, dtype: str, workload: dict) -> str:
 
 
 def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
+    import diffusers
     import torch
 
+    pipeline_cls = getattr(diffusers, source.pipeline_class, None)
+    if workload["frames"] is not None and pipeline_cls is not None and not _takes_frames(pipeline_cls):
+        raise PipefitError(
+            f"`frames` is for video pipelines, and {source.pipeline_class} makes images (its call takes no num_frames).",
+            "Leave `frames` out.",
+        )  # before building anything: the answer takes milliseconds
     pipe = _meta_pipeline(source, dtype)
     warnings: list[str] = []
     kwargs = _call_kwargs(pipe, workload)
@@ -260,17 +267,16 @@ def _stand_in_tokenizer(source: PipelineSource, name: str):
     return stand_in
 
 
+def _takes_frames(pipeline_cls) -> bool:
+    return "num_frames" in inspect.signature(pipeline_cls.__call__).parameters
+
+
 def _call_kwargs(pipe, workload: dict) -> dict:
     """The call a user makes at this workload, in the pipeline's own parameter names."""
     params = inspect.signature(type(pipe).__call__).parameters
     kwargs: dict[str, Any] = {"prompt": _PROMPT, "height": workload["height"], "width": workload["width"]}
     kwargs["num_inference_steps"] = workload["steps"]
-    if workload["frames"] is not None and "num_frames" not in params:
-        raise PipefitError(
-            f"`frames` is for video pipelines, and {type(pipe).__name__} makes images (its call takes no num_frames).",
-            "Leave `frames` out.",
-        )
-    if workload["frames"] is not None:
+    if workload["frames"] is not None and "num_frames" in params:
         kwargs["num_frames"] = workload["frames"]
     if workload["guidance_scale"] is not None and "guidance_scale" in params:
         kwargs["guidance_scale"] = workload["guidance_scale"]
