@@ -27,8 +27,8 @@ from .errors import PipefitError
 from .files import read_user_text
 from .plan import LayerwiseCastingSpec, Plan, Target, VaeSpec, check_plan, parse_plan
 from .script import (
-    SETTING_OF_METHOD, Creation, ScriptInfo, analyze, denoiser_of, device_type, keyword_arg, nodes_of, parse,
-    placement_device, prequantized, quantized_repo, unmask, value_of,
+    SETTING_OF_METHOD, Creation, ScriptInfo, analyze, called_name, denoiser_of, device_type, keyword_arg, nodes_of,
+    parse, placement_device, prequantized, quantized_repo, unmask, value_of,
 )  # fmt: skip
 from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
 
@@ -245,20 +245,18 @@ def _leave_prequantized(info: ScriptInfo, creation: Creation, plan: Plan, warnin
 
 def _kept_settings(info: ScriptInfo, creation: Creation, taken: dict[int, tuple[str, cst.BaseStatement]]) -> dict:
     """The plan fields the script's own kept statements amount to, for the rules: VAE tiling or
-    slicing turned on, the components it casts to fp8, compile, a named attention backend."""
+    slicing turned on, the components it casts to fp8 (``weights:X`` in what each statement sets),
+    compile, a named attention backend."""
     vae, cast, kept = {}, [], {}
     for key, (owner, statement) in info.managed.items():
         if owner != creation.pipe or key in taken:
             continue
+        cast += [s.removeprefix("weights:") for s in sorted(info.settings[key]) if s.startswith("weights:")]
         for call in nodes_of(statement, cst.Call):
-            func = call.func
-            name = func.attr.value if isinstance(func, cst.Attribute) else getattr(func, "value", "")
+            name = called_name(call)
             setting = SETTING_OF_METHOD.get(name)
             if setting in ("vae_tiling", "vae_slicing") and name.startswith("enable"):
                 vae[setting.removeprefix("vae_")] = True
-            elif setting == "layerwise_casting":
-                receiver = info.code(func.value) if isinstance(func, cst.Attribute) else info.code(call.args[0].value)
-                cast.append(receiver.rsplit(".", 1)[-1])
             elif setting == "compile":
                 kept["compile"] = "regional" if name == "compile_repeated_blocks" else "full"
             elif setting == "attention" and call.args and isinstance(backend := value_of(info, call.args[0].value), str):

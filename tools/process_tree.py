@@ -46,6 +46,7 @@ class ProcessTree:
         self.root: int | None = None
         self._born: float | None = None  # the child's start, as psutil tells it (its clock is not time.time's)
         self._seen: dict[int, psutil.Process] = {}
+        self._held = False  # the child joined the cgroup: the kernel keeps every descendant in it
         ProcessTree._open.add(self.marker)
 
     @property
@@ -65,8 +66,11 @@ class ProcessTree:
             return []
         found = [*self._descendants(self.root), *self._orphans()]
         if self.cgroup is not None:
-            found += _processes(_cgroup_pids(self.cgroup))
-        if os.name == "posix":  # start_new_session made the child its group's leader
+            in_group = _cgroup_pids(self.cgroup)
+            self._held = self._held or self.root in in_group
+            found += _processes(in_group)
+        if os.name == "posix" and not self._held:  # start_new_session made the child its group's leader
+            # every process on the machine, read: only where no cgroup holds the tree (the sampler asks twice a second)
             found += [p for p in psutil.process_iter() if _pgid(p.pid) == self.root]
         found += self._seen.values()
         live = {}

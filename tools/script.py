@@ -111,8 +111,9 @@ class ScriptInfo:
     columns: dict[int, int]  # id(statement) -> column: its indentation
     imports: dict[str, tuple[str, str]]  # local name -> (module, imported name)
     module_aliases: dict[str, str]  # "d" -> "diffusers"
-    constants: dict[str, str | int]  # module-level NAME = "string" or NAME = 1024 (the last one written)
-    alternatives: dict[str, list[str | int]]  # every constant each such NAME is given, in order
+    # module-level NAME = "string" or NAME = 1024: every constant each NAME is given, in order (the last
+    # is its value; `if cuda: device = "cuda" else: device = "cpu"` gives two)
+    constants: dict[str, list[str | int]]
     argparse_defaults: dict[str, str | int]  # parser.add_argument("--steps", default=28): what args.steps holds
     calls: list[cst.Call]
 
@@ -152,7 +153,7 @@ def analyze(module: cst.Module, filename: str = "script.py") -> ScriptInfo:
     info = ScriptInfo(
         module=module, creations=[], managed={}, settings={}, containers=index.containers, lines=index.lines,
         columns=index.columns, imports=index.imports, module_aliases=index.module_aliases, constants=index.constants,
-        alternatives=index.alternatives, argparse_defaults=index.argparse_defaults, calls=index.calls,
+        argparse_defaults=index.argparse_defaults, calls=index.calls,
     )  # fmt: skip
     for assign, statement in index.assigns:
         creation = _creation(info, assign, statement, index)
@@ -233,7 +234,7 @@ def device_type(info: ScriptInfo, device: str | None) -> str | None:
     sets to "cuda" or "cpu" by what is available counts as its accelerator); else None."""
     if device is None:
         return None
-    values = [v for v in info.alternatives.get(device, []) if isinstance(v, str)]
+    values = [v for v in info.constants.get(device, []) if isinstance(v, str)]
     # a device chosen at run time (cuda if available, else cpu) is planned for its accelerator
     constant = next((v for v in values if not v.startswith("cpu")), values[-1] if values else None)
     text = f'"{constant}"' if isinstance(constant, str) else device
@@ -253,8 +254,7 @@ class _Index(cst.CSTVisitor):
         self.columns: dict[int, int] = {}
         self.imports: dict[str, tuple[str, str]] = {}
         self.module_aliases: dict[str, str] = {}
-        self.constants: dict[str, str | int] = {}
-        self.alternatives: dict[str, list[str | int]] = {}
+        self.constants: dict[str, list[str | int]] = {}
         self.assigns: list[tuple[cst.Assign, cst.SimpleStatementLine]] = []
         self.statements: list[tuple[cst.BaseStatement, cst.CSTNode | None]] = []
         self.calls: list[cst.Call] = []
@@ -321,9 +321,7 @@ class _Index(cst.CSTVisitor):
                 key = target.value if isinstance(target, cst.Name) else cst.Module([]).code_for_node(target)
                 self.bindings.setdefault(key, []).append((self.lines[id(node)], node.value, statement))
                 if self._scopes[-1] is None and (constant := _constant(node.value)) is not None:
-                    # `if torch.cuda.is_available(): device = "cuda" else: device = "cpu"`: every value it may hold
-                    self.alternatives.setdefault(target.value, []).append(constant)
-                    self.constants[target.value] = constant
+                    self.constants.setdefault(target.value, []).append(constant)
 
     def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
         if node.module is None or isinstance(node.names, cst.ImportStar):
@@ -382,7 +380,7 @@ def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | None:
     if (constant := _constant(expr)) is not None:
         return constant
     if isinstance(expr, cst.Name):
-        return info.constants.get(expr.value)
+        return info.constants.get(expr.value, [None])[-1]
     if isinstance(expr, cst.Attribute):
         return info.argparse_defaults.get(expr.attr.value)
     return None
@@ -454,12 +452,17 @@ def nodes_of(node: cst.CSTNode, *types: type) -> list:
     return found
 
 
+def called_name(call: cst.Call) -> str:
+    """The name a call calls: ``enable_tiling`` for ``pipe.vae.enable_tiling()``, ``apply_x`` for ``apply_x(m)``."""
+    func = call.func
+    return func.attr.value if isinstance(func, cst.Attribute) else func.value if isinstance(func, cst.Name) else ""
+
+
 def _settings(info: ScriptInfo, statement: cst.BaseStatement) -> frozenset[str]:
     """What a governed statement sets, by the calls in it: a plan field's name, or ``placement``."""
     found = set()
     for call in nodes_of(statement, cst.Call):
-        func = call.func
-        name = func.attr.value if isinstance(func, cst.Attribute) else func.value if isinstance(func, cst.Name) else ""
+        func, name = call.func, called_name(call)
         if SETTING_OF_METHOD.get(name) == "layerwise_casting":  # a component's storage: the plan's if it names it
             receiver = func.value if isinstance(func, cst.Attribute) else call.args[0].value if call.args else func
             found.add(f"weights:{info.code(receiver).rsplit('.', 1)[-1]}")

@@ -232,7 +232,8 @@ def triage_oom(text: str, script: str | None = None) -> OomTriage:
     Next step: ``detect_hardware``, then ``measure_components`` and ``recommend`` with recommend_args.
     """
     lines = [_PREFIX.sub("", line) for line in _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n").split("\n")]
-    found = _find_error(lines)
+    hits = _hits(lines)
+    found = _find_error(hits)
     if found is None:
         return OomTriage(kind="none", advice=["No error in the text: nothing ran out of memory."])
     index, signature = found
@@ -242,12 +243,12 @@ def triage_oom(text: str, script: str | None = None) -> OomTriage:
     result = OomTriage(kind=signature.kind, error=error[:400])
     numbers = {"cuda_oom": _CUDA_FIELDS, "mps_oom": _MPS_FIELDS, "host_oom": _HOST_FIELDS}.get(signature.kind, {})
     # a log may print the numbers once (ComfyUI's summary) and the error again with its traceback
-    messages = [message, *(_message_at(lines, i) for i in _occurrences(lines, signature) if i != index)]
+    messages = [message, *(_message_at(lines, i) for i, s in hits if s is signature and i != index)]
     for field, pattern in numbers.items():
         setattr(result, field, next((size for m in messages if (size := _read_size(pattern, m)) is not None), None))
     if signature.kind == "cuda_oom":
         _read_cuda_extras(result, message)
-    frames = _frames_before(lines, index) or _frames_after(lines, index)
+    frames = _frames_before(lines, index) or _frames_after(lines, index, [i for i, _ in hits])
     result.stage, result.component = _stage_and_component(frames)
     result.stage = result.stage or signature.stage or _stage_from_log(lines, index)
     result.model_id, result.workload = _model_and_workload(text, script, frames)
@@ -258,23 +259,24 @@ def triage_oom(text: str, script: str | None = None) -> OomTriage:
     return result
 
 
-def _find_error(lines: list[str]) -> tuple[int, Signature] | None:
-    """The line and signature to triage: an OOM before what it caused, the last occurrence of it."""
+def _hits(lines: list[str]) -> list[tuple[int, Signature]]:
+    """Every line that shows an error, with the first (most specific) signature it matches."""
     hits: list[tuple[int, Signature]] = []
     for i, line in enumerate(lines):
         for signature in SIGNATURES:
             if re.search(signature.pattern, line, flags=re.M):
                 hits.append((i, signature))
                 break
+    return hits
+
+
+def _find_error(hits: list[tuple[int, Signature]]) -> tuple[int, Signature] | None:
+    """The line and signature to triage: an OOM before what it caused, the last occurrence of it."""
     if not hits:
         return None
     rank = {kind: r for r, kind in enumerate(_OOM_KINDS)}
     best = min(rank.get(s.kind, len(rank)) for _, s in hits)
     return [h for h in hits if rank.get(h[1].kind, len(rank)) == best][-1]
-
-
-def _occurrences(lines: list[str], signature: Signature) -> list[int]:
-    return [i for i, line in enumerate(lines) if re.search(signature.pattern, line)]
 
 
 def _message_at(lines: list[str], index: int) -> str:
@@ -360,10 +362,11 @@ def _frames_in(lines: list[str], start: int, index: int) -> list[Frame]:
     return frames
 
 
-def _frames_after(lines: list[str], index: int) -> list[Frame]:
-    """The traceback printed after the error line (ComfyUI's "!!! Exception during processing !!!")."""
+def _frames_after(lines: list[str], index: int, errors: list[int]) -> list[Frame]:
+    """The traceback printed after the error line (ComfyUI's "!!! Exception during processing !!!"),
+    up to the next line that shows an error (``errors``: those lines, in order)."""
     start = next((i for i in range(index + 1, min(len(lines), index + 40)) if "Traceback (most recent call last)" in lines[i]), index)
-    end = next((i for i in range(start + 1, len(lines)) if _find_error(lines[i : i + 1])), len(lines))
+    end = next((i for i in errors if i > start), len(lines))
     return _frames_before(lines, end) if start > index else _frames_in(lines, index + 1, end)  # a pasted piece: no header
 
 

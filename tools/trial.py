@@ -196,9 +196,9 @@ def prune_trials(
     for folder in root.iterdir():
         if not (folder.is_dir() and not folder.is_symlink() and folder.name[:8].isdigit() and folder.name[8:9] == "-"):
             continue
-        files = [f for f in folder.rglob("*") if f.is_file() and not f.is_symlink()]
-        latest = max((f.stat().st_mtime for f in files), default=folder.stat().st_mtime)
-        trials.append((latest, sum(f.stat().st_size for f in files), folder))
+        stats = [f.stat() for f in folder.rglob("*") if f.is_file() and not f.is_symlink()]
+        latest = max((st.st_mtime for st in stats), default=folder.stat().st_mtime)
+        trials.append((latest, sum(st.st_size for st in stats), folder))
     trials.sort(reverse=True)  # newest first
     removed, kept_bytes = [], 0
     for latest, size, folder in trials:
