@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from pipefit.tools.estimate import Workload, call_seconds, conv_kind, denoiser_of, estimate, trace_for  # noqa: E402
 from pipefit.tools.gpus import PROFILES, gpu_profile  # noqa: E402
 from pipefit.tools.measure import measure_components  # noqa: E402
+from pipefit.tools.strategies import group_offload  # noqa: E402
 from pipefit.tools.plan import parse_plan  # noqa: E402
 
 GiB = 2**30
@@ -59,13 +61,16 @@ def workload_of(row: dict) -> Workload:
 
 # before plans named their loading path, patch loaded these backends' quantized components in host RAM
 _HOST_LOADED_BEFORE = ("bnb_nf4", "torchao_int8wo", "torchao_fp8wo")
+_LOAD_FIELD_SINCE = "20261202"  # rows run since then load each backend its own way unless the plan says
 
 
 def plan_of(row: dict):
     """The plan a row ran, as it ran: its allocator, and its loading path where the row predates the field."""
     allocator = "expandable_segments" if "expandable" in (row.get("allocator") or "") else "default"
     plan = {**row["plan"], "allocator": allocator}
-    if "load" not in plan and (plan.get("quantize") or {}).get("backend") in _HOST_LOADED_BEFORE:
+    ran_on = re.search(r"/trials/(\d{8})-", row.get("log_path") or "")
+    legacy = ran_on is None or ran_on.group(1) < _LOAD_FIELD_SINCE
+    if legacy and "load" not in plan and (plan.get("quantize") or {}).get("backend") in _HOST_LOADED_BEFORE:
         plan["load"] = "host"
     return parse_plan(plan)
 
@@ -84,17 +89,17 @@ def fit(runs: list[dict]) -> dict:
             continue  # groups keep buffers of their own
         m = _measured(r)
         e = estimate(plan_of(r), m, workload_of(r), gpu=bare)
-        index = max(range(len(e.stages)), key=lambda i: e.stages[i].resident_bytes + e.stages[i].working_bytes)
+        index = e.peak_call
         calls = trace_for(m, workload_of(r)).calls
-        if index >= len(calls):
+        if index is None:
             continue  # the peak is the loading stage (after the calls): no call's working memory to learn from
         call = calls[index]
-        working = r["peak_torch_allocated_bytes"] - e.stages[index].resident_bytes  # what the GPU really needed
+        working = r["peak_torch_allocated_bytes"] - e.peak_resident_bytes  # what the GPU really needed
         # cuDNN's workspace: where the dry run's peak falls short of the real one, the least workspace per
         # byte of one of the peak call's large convolutions that explains the difference
         for kind in call.convs:  # a kind seen at a peak needs no more workspace than the runs show
             workspace.setdefault(kind, 0.0)
-        if working > e.stages[index].working_bytes:
+        if working > e.peak_working_bytes:
             needs = [((working - live) / size, kind) for kind, points in call.convs.items()
                      for live, size in points if size >= GiB // 8]  # fmt: skip
             if needs:
@@ -188,15 +193,16 @@ def transfer_terms(runs: list[dict], k) -> dict:
     beyond the compute (the same plan predicted with transfers free); the median per mechanism."""
     from statistics import median
 
-    free = dict.fromkeys(k.transfer_efficiency, 1e9)
-    full = dict.fromkeys(k.transfer_efficiency, 1.0)
+    mechanisms = {*k.transfer_efficiency, "stream_leaf", "stream_block"}
+    free = dict.fromkeys(mechanisms, 1e9)
+    full = dict.fromkeys(mechanisms, 1.0)
     shares: dict[str, list[float]] = {}
     for r in runs:
         plan = plan_of(r)
         g = plan.group_settings
         key = {"model": "model", "sequential": "sequential"}.get(plan.offload) or (
-            None if not plan.grouped else "stream_low_cpu_mem" if g.use_stream and g.low_cpu_mem_usage
-            else None if g.use_stream else "group")  # fmt: skip
+            None if not plan.grouped or g.offload_to_disk else "stream_low_cpu_mem" if g.use_stream and g.low_cpu_mem_usage
+            else group_offload.stream_mechanism(plan) if g.use_stream else "group")  # fmt: skip
         if key is None:
             continue
         m = _measured(r)
@@ -206,6 +212,69 @@ def transfer_terms(runs: list[dict], k) -> dict:
         if beyond > 0.05 * r["seconds"] and at_full > compute:
             shares.setdefault(key, []).append((at_full - compute) / beyond)
     return {"transfer_efficiency": {**k.transfer_efficiency, **{key: round(median(v), 4) for key, v in shares.items()}}}
+
+
+def _steady_step(r: dict) -> float:
+    steady = r["step_seconds"][1:] or r["step_seconds"]
+    return sum(steady) / len(steady)
+
+
+def _step_parts(r: dict, profile) -> tuple[float, float, float]:
+    """(matmul and convolution seconds, attention seconds at the native rate, overhead) of one denoising step
+    of the row's pipeline at the GPU's rates, in bf16, eager."""
+    from pipefit.tools.estimate import compute_seconds
+
+    m, w = _measured(r), workload_of(r)
+    trace = trace_for(m, w)
+    looped = [c for c in trace.calls if c.step is not None and c.component == denoiser_of(m)]
+    n = trace.steps_run
+    matmul = sum(compute_seconds(c.flops, c.conv_flops, 0.0, profile) for c in looped) / n
+    attention = sum(compute_seconds(0.0, 0.0, c.attention_flops, profile) for c in looped) / n
+    return matmul, attention, len(looped) / n * profile.call_overhead_seconds
+
+
+def speed_terms(runs: list[dict], k, profile) -> tuple[dict, dict]:
+    """The kernels' speed terms, each from the runs that isolate it (everything on the GPU, no step cache):
+    fp8 compute's step factor (torchao_fp8dq on the denoiser), each attention backend's rate relative to
+    PyTorch's own choice, regional compile's step factor and first-call seconds per block class compiled.
+    Returns (calibration.json updates, GPU profile updates); medians where several runs say the same."""
+    from statistics import median
+
+    fp8, attention, compiled, compile_seconds, compile_ram = [], {}, [], [], []
+    for r in runs:
+        plan = plan_of(r)
+        if plan.offload != "none" or plan.cache is not None or len(r["step_seconds"]) < 3:
+            continue
+        m = _measured(r)
+        denoiser = denoiser_of(m)
+        matmul, attn, overhead = _step_parts(r, profile)
+        quantized = plan.quantize.backend if plan.quantize and denoiser in plan.quantize.components else None
+        measured = _steady_step(r)
+        if quantized == "torchao_fp8dq" and plan.compile == "none" and not plan.attention_backend:
+            fp8.append(measured / (matmul + attn + overhead))
+        factor = k.step_factor.get(quantized, 1.0) if quantized else 1.0
+        if plan.attention_backend and plan.compile == "none" and quantized in (None, "bnb_nf4", "torchao_int8wo"):
+            left = measured / factor - matmul - overhead
+            if left > 0:
+                attention.setdefault(plan.attention_backend, []).append(attn / left)
+        if plan.compile == "regional" and not plan.attention_backend and quantized in (None, "bnb_nf4"):
+            compiled.append(measured / ((matmul + attn + overhead) * factor))
+            blocks = len(m.components[denoiser].repeated_blocks) or 1
+            warm_steps = min(workload_of(r).steps, 4)
+            eager_warmup = r["seconds"] - (workload_of(r).steps - warm_steps) * measured  # the same call uncompiled, near enough
+            compile_seconds.append(max(r["warmup_seconds"] - eager_warmup, 0.0) / blocks)
+            eager = plan.model_copy(update={"compile": "none"})
+            compile_ram.append(r["peak_rss_run_bytes"] - estimate(eager, m, workload_of(r), coefficients=k).ram_run_bytes)
+    calibration, gpu = {}, {}
+    if fp8:
+        calibration["step_factor"] = {**k.step_factor, "torchao_fp8dq": round(median(fp8), 3)}
+    if compiled:
+        calibration["compile_step_factor"] = round(median(compiled), 3)
+        calibration["compile_seconds_per_block"] = round(median(compile_seconds), 1)
+        calibration["compile_ram_bytes"] = max(0, int(median(compile_ram)))
+    if attention:
+        gpu["attention_speed"] = {name: round(median(v), 3) for name, v in attention.items()}
+    return calibration, gpu
 
 
 def main() -> None:
@@ -229,6 +298,14 @@ def main() -> None:
 
     k = load_coefficients().model_copy(update=host_terms(runs, load_coefficients()))
     k = k.model_copy(update=transfer_terms(runs, k))
+    speed, gpu_speed = speed_terms(runs, k, profile)
+    k = k.model_copy(update=speed)
+    profile = profile.model_copy(update=gpu_speed)
+    print("speed terms:", speed, gpu_speed)
+    if args.write and gpu_speed:
+        data = json.loads(PROFILES.read_text())
+        data["profiles"][profile.name] = profile.model_dump()
+        PROFILES.write_text(json.dumps(data, indent=1) + "\n")
     print("host RAM terms:", {"base GiB": {p: round(v / GiB, 3) for p, v in k.ram_base_bytes.items()}, **k.ram_copy_per_byte})
     print("transfer efficiency:", k.transfer_efficiency)
     held_out = rows(args.held_out)
@@ -256,7 +333,7 @@ def main() -> None:
         predicted_step = sum(
             call_seconds(c, profile) for c in trace.calls if c.step is not None and c.component == denoiser
         ) / trace.steps_run  # fmt: skip
-        if not r["plan"].get("offload") and not r["plan"].get("quantize") and not r["plan"].get("layerwise_casting"):
+        if not r["plan"]:  # the plain plan: the rates alone
             step_errors.append((predicted_step - measured_step) / measured_step)
         label = "x".join(str(v) for k, v in r["workload"].items() if k != "steps" and v)
         print(f"{r['build']:18s} {r['plan_name']:28s} {'exp' if 'expandable' in (r.get('allocator') or '') else 'def':5s} "
@@ -270,7 +347,7 @@ def main() -> None:
 
         calibration = json.loads(CALIBRATION.read_text())
         calibration.update(ram_base_bytes=k.ram_base_bytes, ram_copy_per_byte=k.ram_copy_per_byte,
-                           transfer_efficiency=k.transfer_efficiency)
+                           transfer_efficiency=k.transfer_efficiency, **speed)
         measured: dict[str, set[str]] = {}
         for r in runs:
             measured.setdefault(r["model"], set()).add(signature(plan_of(r)))

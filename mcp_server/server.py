@@ -182,11 +182,13 @@ async def recommend(
     prefer: Literal["speed", "memory", "quality", "balanced"] = "balanced",
     plan: Annotated[dict | str | None, Field(description="evaluate only this plan (JSON object)")] = None,
     dtype: Dtype = "bfloat16",
+    calls: Annotated[int, Field(ge=1, le=100_000, description="calls one process makes: compiling pays off only over several")] = 1,
 ) -> Recommendation:
     """Every strategy for the pipeline at this workload: predicted peak VRAM (as the driver sees it),
     RAM while loading and while running, seconds per call; whether each fits and why not; ranked by
     prefer, fitting options first. group separates full-precision plans (offloading, fp8 casting)
-    from quantized ones: present the best of each group with their figures and ask the user what
+    from quantized ones and from cached ones (a step cache: faster, and the image changes, as their
+    reasons say): present the best of each group with their figures and ask the user what
     matters (speed, memory, quality). Without vram/ram it plans for this machine's free memory.
     Each option's plan is the JSON patch_script and run_trial take; predictions are derived from a dry
     run of the pipeline's own code, and basis says whether this family and kind of plan also ran on a
@@ -199,7 +201,7 @@ async def recommend(
     def work(progress: Callable[[str], None]) -> Recommendation:
         return run(
             model, height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale,
-            vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, progress=progress,
+            vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, calls=calls, progress=progress,
         )  # fmt: skip
 
     return await _call(ctx, work)

@@ -141,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--vram", metavar="SIZE", help="plan for this much GPU memory, e.g. 16GiB")
     recommend.add_argument("--ram", metavar="SIZE", help="plan for this much host RAM, e.g. 64GiB")
     recommend.add_argument("--prefer", choices=("speed", "memory", "quality", "balanced"), default="balanced")
+    recommend.add_argument("--calls", type=int, default=1, metavar="N",
+                           help="calls one process makes (default 1): compiling pays off only over several")
     recommend.add_argument("--plan", metavar="PLAN", help="evaluate this plan only (inline JSON or a .json file)")
     recommend.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     recommend.add_argument("--all", action="store_true", help="list every option, not the best ten of each group")
@@ -219,7 +221,7 @@ def _recommend(args: argparse.Namespace) -> int:
         result = recommend(
             args.model, height=args.height, width=args.width, frames=args.frames, steps=args.steps, batch=args.batch,
             guidance_scale=args.guidance_scale, vram=args.vram, ram=args.ram, prefer=args.prefer, plan=args.plan,
-            dtype=args.dtype, gpu=args.gpu, progress=spinner.update,
+            dtype=args.dtype, gpu=args.gpu, calls=args.calls, progress=spinner.update,
         )  # fmt: skip
     return _show(result, args.json, "recommendation", args.all)
 

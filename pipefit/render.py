@@ -240,7 +240,8 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
         f"{' (container limit)' if hw.ram_is_container_limit else ''}; prefer {result.prefer}; "
         f"margin {format_bytes(result.margin_bytes)} kept free"
     )
-    for group, title in (("full_precision", "Full precision: offloading and fp8 casting"), ("quantized", "Quantized")):
+    for group, title in (("full_precision", "Full precision: offloading and fp8 casting"), ("quantized", "Quantized"),
+                         ("cached", "Step-cached: faster, and the image changes")):  # fmt: skip
         options = [o for o in result.options if o.group == group]
         shown = options if show_all else options[:10]
         if not shown:

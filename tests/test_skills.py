@@ -120,9 +120,10 @@ def _assert_exists(dotted: str, aliases: dict[str, str], where: str) -> None:
     """``torch.float8_e4m3fn``, ``transformers.TorchAoConfig``, ``pipe.vae.enable_tiling``: each part exists."""
     root, *parts = dotted.split(".")
     if root == "pipe":
-        from diffusers import AutoencoderKL, AutoencoderKLWan, DiffusionPipeline, ModelMixin
+        from diffusers import AutoencoderKL, AutoencoderKLWan, DiffusionPipeline, FluxTransformer2DModel, ModelMixin
 
-        owners = {"vae": (AutoencoderKL, AutoencoderKLWan), "transformer": (ModelMixin,), "unet": (ModelMixin,)}
+        # every VAE named must have it; a denoiser method may be a mixin's (enable_cache: CacheMixin's)
+        owners = {"vae": (AutoencoderKL, AutoencoderKLWan), "transformer": (FluxTransformer2DModel,), "unet": (ModelMixin,)}
         if parts and parts[0] in owners and len(parts) > 1:
             for owner in owners[parts[0]]:
                 assert hasattr(owner, parts[1]), f"{where}: {owner.__name__} has no {parts[1]} ({dotted})"
@@ -207,6 +208,10 @@ def test_strategies_and_backends_named_in_tables_exist_in_tools():
     assert backends and set(backends) <= set(typing.get_args(QuantBackendName))
     compile_modes = _first_column("torch-compile.md", "plan `compile`")
     assert set(compile_modes) == set(typing.get_args(Plan.model_fields["compile"].annotation)) - {"none"}
+    methods = _first_column("step-caching.md", "plan `cache.method`")
+    from pipefit.tools.strategies.cache import CONFIG_CLASS
+
+    assert set(methods) == set(CONFIG_CLASS)  # every cache pipefit plans, and only those
     attention = [n for cell in _first_column("attention.md", "backend name") for n in cell.split(", ")]
     known = {b.value for b in diffusers.AttentionBackendName}
     assert attention and set(attention) <= known, set(attention) - known

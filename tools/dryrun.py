@@ -40,7 +40,8 @@ from .errors import PipefitError
 from .model_source import PipelineSource, resolve_pipeline
 from .sizes import module_bytes
 
-_SCHEMA = 5
+_SCHEMA = 6
+_MODULE_DEPTH = 3  # submodules recorded per looped component: blocks.N.attn deep (what step caches hook)
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)
 _STAND_IN_NUMEL = 1 << 24  # an op with a value-dependent shape runs on CPU stand-ins up to this size (text states)
 # PyTorch's fused attention kernels on CUDA take head dims up to 256; larger ones (the 512-wide single
@@ -75,6 +76,15 @@ class ComponentCall(BaseModel):
     )
 
 
+class ModuleCost(BaseModel):
+    """One submodule of a component called in the denoising loop, on its first call: what a step cache
+    saves by skipping it and holds by keeping its output."""
+
+    flops: float
+    attention_flops: float
+    output_bytes: int
+
+
 class Trace(BaseModel):
     """What one call of the pipeline does at a workload, component by component."""
 
@@ -85,6 +95,10 @@ class Trace(BaseModel):
     calls: list[ComponentCall]
     decode_tiled: ComponentCall | None = Field(None, description="the decode again with vae.enable_tiling()")
     decode_sliced: ComponentCall | None = Field(None, description="with tiling and slicing (batches)")
+    module_costs: dict[str, dict[str, ModuleCost]] = Field(
+        default_factory=dict,
+        description="component -> its submodules up to blocks.N.attn deep, on the component's first call in the loop",
+    )
     offload_sequence: list[str] = Field(default_factory=list, description="the pipeline's model_cpu_offload_seq")
     exclude_from_offload: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
@@ -174,6 +188,8 @@ def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
         if isinstance(module, torch.nn.Module):
             for method in ("decode", "encode") if module is vae else ("forward",):
                 recorder.wrap(name, module, method, stop=(method == "decode"))
+            if module is not vae:
+                recorder.watch_submodules(name, module)
     try:
         with torch.no_grad(), _FusedAttention() as attention, _LiveBytes() as live:
             recorder.live, recorder.attention = live, attention
@@ -187,7 +203,7 @@ def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
         recorder.unwrap()
     trace = Trace(
         pipeline_class=type(pipe).__name__, dtype=dtype, call_kwargs={k: v for k, v in kwargs.items() if k != "prompt"},
-        steps_run=workload["steps"], calls=recorder.calls, warnings=warnings,
+        steps_run=workload["steps"], calls=recorder.calls, warnings=warnings, module_costs=recorder.module_costs,
         offload_sequence=[n for n in (pipe.model_cpu_offload_seq or "").split("->") if n],
         exclude_from_offload=list(getattr(pipe, "_exclude_from_cpu_offload", []) or []),
     )  # fmt: skip
@@ -329,6 +345,33 @@ class _Recorder:
         self.depth = 0
         self.originals: list[tuple[Any, str]] = []
         self.seen: dict[tuple, tuple[ComponentCall, Any]] = {}  # a call's first record and its output's shapes
+        self.module_costs: dict[str, dict[str, ModuleCost]] = {}
+        self.handles: list[Any] = []
+
+    def watch_submodules(self, name: str, module) -> None:
+        """Record each submodule's FLOPs and output bytes the first time its component runs in the loop."""
+        recorder = self
+
+        def before(submodule, args):
+            if recorder.live is not None and recorder.loop.step is not None:
+                submodule._pipefit_start = (recorder.live.flops, recorder.attention.flops)
+
+        def after(submodule, args, out):
+            start = submodule.__dict__.pop("_pipefit_start", None)
+            costs = recorder.module_costs.setdefault(name, {})
+            if start is None or submodule._pipefit_name in costs:
+                return
+            from torch.utils._pytree import tree_leaves
+
+            size = sum(x.numel() * x.element_size() for x in tree_leaves(out) if hasattr(x, "element_size"))
+            costs[submodule._pipefit_name] = ModuleCost(
+                flops=recorder.live.flops - start[0], attention_flops=recorder.attention.flops - start[1], output_bytes=size
+            )
+
+        for sub_name, submodule in module.named_modules():
+            if sub_name and sub_name.count(".") < _MODULE_DEPTH:
+                submodule._pipefit_name = sub_name
+                self.handles += [submodule.register_forward_pre_hook(before), submodule.register_forward_hook(after)]
 
     def wrap(self, name: str, module, method: str, stop: bool) -> None:
         original = getattr(module, method)
@@ -383,6 +426,9 @@ class _Recorder:
         for module, method in self.originals:
             module.__dict__.pop(method, None)
         self.originals.clear()
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 def _skeleton(out):

@@ -33,7 +33,8 @@ from pydantic import BaseModel, Field
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement
 from .plan import Plan
-from .strategies import Rates, Weights, host_bytes, loading, resident, setup_host_bytes, transfer_seconds
+from .strategies import Rates, Weights, host_bytes, loading, resident, setup_host_bytes, transfer_seconds, torch_compile
+from .strategies import cache as step_cache
 
 if TYPE_CHECKING:
     from .dryrun import ComponentCall, Trace
@@ -60,6 +61,10 @@ class Coefficients(BaseModel):
     pinned_bytes_per_s: float
     margin_fraction: float = Field(description="the largest under-prediction seen, kept free on the GPU")
     compile_step_factor: float = Field(0.85, description="regional compile's step time relative to eager")
+    compile_seconds_per_block: float = Field(
+        30.0, description="the first call's compile time per block compiled (regional: per repeated block class)"
+    )
+    compile_ram_bytes: float = Field(0.0, description="host RAM torch.compile keeps once it compiled (Inductor, Triton)")
     measured: dict[str, list[str]] = Field(
         default_factory=dict, description="pipeline class -> plan signatures run on a GPU (basis 'measured')"
     )
@@ -110,8 +115,12 @@ class Estimate(BaseModel):
     ram_load_bytes: int
     ram_run_bytes: int
     seconds: float = Field(description="one call, steady state (not the first, which also warms up)")
+    first_call_seconds: float = Field(description="the first call: compiling included")
     peak_stage: str
-    stages: list[StagePeak]
+    peak_call: int | None = Field(description="the peak's index in the dry run's calls; None: loading")
+    peak_resident_bytes: int
+    peak_working_bytes: int
+    stages: list[StagePeak] = Field(description="the largest call of each component and method, and loading")
     allocator: Literal["expandable_segments", "default"]
     basis: Basis = Field(description="measured: this family and kind of plan ran on a GPU; derived: from the code alone")
 
@@ -135,30 +144,37 @@ def denoiser_of(m: PipelineMeasurement) -> str:
 def estimate(
     plan: Plan, m: PipelineMeasurement, w: Workload, *, trace: "Trace | None" = None, gpu: GpuProfile | str | None = None,
     pageable_bytes_per_s: float | None = None, pinned_bytes_per_s: float | None = None,
-    coefficients: Coefficients | None = None,
+    coefficients: Coefficients | None = None, memo: dict | None = None,
 ) -> Estimate:  # fmt: skip
-    """Peak VRAM (driver), RSS while loading and running, and seconds per call of ``plan`` for ``w``."""
+    """Peak VRAM (driver), RSS while loading and running, and seconds per call of ``plan`` for ``w``.
+    ``memo``: a dict the caller keeps for every plan of one trace and GPU (what no plan changes, once)."""
     k = coefficients or load_coefficients()
     profile = gpu if isinstance(gpu, GpuProfile) else gpu_profile(gpu)
     trace = trace or trace_for(m, w)
     weights = Weights.of(plan, m)
 
     # ---- VRAM: each call's resident weights and working memory
-    on_device = [on + _upcast(plan, call, m) for call, on in zip(trace.calls, resident(plan, trace, weights))]
-    stages = [
-        StagePeak(stage=call.component, call=_label(call), resident_bytes=on, working_bytes=int(_working(plan, call, trace, weights, profile)))
-        for call, on in zip(trace.calls, on_device)
-    ]  # fmt: skip
-    if not stages:  # nothing traced: the weights alone, as a floor
-        stages = [StagePeak(stage="load", call="load", resident_bytes=weights.total, working_bytes=0)]
+    denoiser = denoiser_of(m)
+    # a step cache's state: created in the first denoiser call, freed when the pipeline call ends
+    held = step_cache.held_bytes(plan, trace, denoiser)
+    first = next((i for i, c in enumerate(trace.calls) if c.component == denoiser and c.step is not None), len(trace.calls))
+    on_device = [on + _upcast(plan, call, m) + (held if i >= first else 0)
+                 for i, (call, on) in enumerate(zip(trace.calls, resident(plan, trace, weights)))]  # fmt: skip
+    memo = {} if memo is None else memo
+    # (stage, label, resident, working) per call, then the loading stage: plain tuples, as recommend asks for
+    # hundreds of plans of tens of calls each; the models are made for the largest call of each stage only
+    entries = [(call.component, i, on, int(_working(plan, i, call, trace, weights, profile, memo)))
+               for i, (call, on) in enumerate(zip(trace.calls, on_device))]  # fmt: skip
+    if not entries:  # nothing traced: the weights alone, as a floor
+        entries = [("load", -1, weights.total, 0)]
     at_load, layer = loading.device_bytes_at_load(plan, weights)
     if at_load:  # quantized on the GPU while loading, before the placement moves anything
-        stages.append(StagePeak(stage="load", call="loading", resident_bytes=at_load, working_bytes=layer))
-    index = max(range(len(stages)), key=lambda i: stages[i].resident_bytes + stages[i].working_bytes)
-    peak = stages[index]
-    allocated = peak.resident_bytes + peak.working_bytes
+        entries.append(("load", -1, at_load, layer))
+    index = max(range(len(entries)), key=lambda j: entries[j][2] + entries[j][3])
+    _, peak_call, peak_resident, peak_working = entries[index]
+    allocated = peak_resident + peak_working
     # freed activation blocks the allocator keeps mapped; the caching allocator also keeps group buffers
-    extra = profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, index)) * peak.working_bytes
+    extra = profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, peak_call)) * peak_working
     if plan.allocator == "default" and plan.grouped:
         extra += profile.cached_per_offloaded_byte * weights.total
     vram = int(profile.context_bytes + allocated + extra)
@@ -167,11 +183,17 @@ def estimate(
 
     # ---- seconds per call: FLOPs over the GPU's rates, per call, plus the placement's transfers
     steps_seen = max(trace.steps_run, 1)
+    backend = plan.attention_backend if denoiser != "unet" else None  # UNet attention does not dispatch
+    saved_flops, saved_attention = step_cache.saved_per_cached_call(plan, trace, denoiser)
+    cached = step_cache.cached_fraction(plan, w.steps)
     seconds = 0.0
     step = 0.0
     for call in trace.calls:
-        t = call_seconds(call, profile)
+        own = backend if call.component == denoiser else None
+        t = call_seconds(call, profile, own)
         if call.step is not None:
+            if call.component == denoiser and cached:  # the hooked modules do not run on cached steps
+                t -= cached * compute_seconds(saved_flops, 0.0, saved_attention, profile, own)
             t *= _step_factor(plan, call.component, k)
             step += t / steps_seen
         else:
@@ -181,26 +203,48 @@ def estimate(
                   k.transfer_efficiency)  # fmt: skip
     seconds += transfer_seconds(plan, trace, weights, rates, w.steps, step)
 
+    compiling = torch_compile.first_call_seconds(plan, m.components.get(denoiser), k.compile_seconds_per_block)
     measured = signature(plan) in k.measured.get(m.pipeline_class, [])
     return Estimate(
         vram_bytes=vram, ram_load_bytes=int(ram_load), ram_run_bytes=int(ram_run), seconds=round(seconds, 3),
-        peak_stage=peak.stage, stages=stages, allocator=plan.allocator, basis="measured" if measured else "derived",
+        first_call_seconds=round(seconds + compiling, 3),
+        peak_stage=entries[index][0], peak_call=peak_call if peak_call >= 0 else None, peak_resident_bytes=peak_resident,
+        peak_working_bytes=peak_working, stages=_largest_per_stage(entries, trace), allocator=plan.allocator,
+        basis="measured" if measured else "derived",
     )  # fmt: skip
 
 
-def conv_kind(calls: list["ComponentCall"], index: int) -> str:
+def _largest_per_stage(entries: list[tuple[str, int, int, int]], trace: "Trace") -> list[StagePeak]:
+    """The largest call of each component and method (and the loading stage), in call order."""
+    largest: dict[tuple[str, str], tuple[str, int, int, int]] = {}
+    for entry in entries:
+        stage, i, on, work = entry
+        key = (stage, trace.calls[i].method if i >= 0 else "load")
+        if key not in largest or on + work > largest[key][2] + largest[key][3]:
+            largest[key] = entry
+    return [StagePeak(stage=stage, call=_label(trace.calls[i]) if i >= 0 else "loading", resident_bytes=on, working_bytes=work)
+            for stage, i, on, work in largest.values()]  # fmt: skip
+
+
+def conv_kind(calls: list["ComponentCall"], index: int | None) -> str:
     """'3d' when the call at ``index`` runs 3-D convolutions, else '2d' for 2-D ones, else 'none' (the loading
-    stage, after the calls, runs none)."""
-    kinds = {kind.split("_")[0] for kind in calls[index].convs} if index < len(calls) else set()
+    stage, -1 or None, runs none)."""
+    kinds = {kind.split("_")[0] for kind in calls[index].convs} if index is not None and 0 <= index < len(calls) else set()
     return "3d" if "3d" in kinds else "2d" if "2d" in kinds else "none"
 
 
-def call_seconds(call: "ComponentCall", profile: GpuProfile) -> float:
-    """One component call's compute time: its matmul, convolution and attention FLOPs at the GPU's rates."""
+def call_seconds(call: "ComponentCall", profile: GpuProfile, attention_backend: str | None = None) -> float:
+    """One component call's compute time: its matmul, convolution and attention FLOPs at the GPU's rates
+    (attention at ``attention_backend``'s where the GPU's profile measured it)."""
+    return compute_seconds(call.flops, call.conv_flops, call.attention_flops, profile, attention_backend) + profile.call_overhead_seconds
+
+
+def compute_seconds(flops: float, conv_flops: float, attention_flops: float, profile: GpuProfile,
+                    attention_backend: str | None = None) -> float:  # fmt: skip
+    """FLOPs at the GPU's rates: matmuls, convolutions and attention (by backend)."""
     conv_rate = profile.conv_flops_per_s or profile.matmul_flops_per_s
-    matmul = call.flops - call.conv_flops
-    return (matmul / profile.matmul_flops_per_s + call.conv_flops / conv_rate
-            + call.attention_flops / profile.attention_flops_per_s + profile.call_overhead_seconds)  # fmt: skip
+    attention_rate = profile.attention_flops_per_s * profile.attention_speed.get(attention_backend or "native", 1.0)
+    return (flops - conv_flops) / profile.matmul_flops_per_s + conv_flops / conv_rate + attention_flops / attention_rate
 
 
 def _label(call: "ComponentCall") -> str:
@@ -209,21 +253,25 @@ def _label(call: "ComponentCall") -> str:
     return call.component if call.step is None else f"{call.component} step {call.step}"
 
 
-def _working(plan: Plan, call: "ComponentCall", trace: "Trace", weights: Weights, profile: GpuProfile) -> int:
+def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", weights: Weights, profile: GpuProfile,
+             memo: dict) -> int:  # fmt: skip
     """The call's working memory under the plan: the VAE's tiled or sliced decode where the plan turns
     them on, cuDNN's workspace beside a convolution, plus one layer dequantized or upcast at a time for
-    quantized or fp8-cast components."""
-    if call.method == "decode":
-        chosen = trace.decode_sliced if plan.vae.slicing and trace.decode_sliced else None
-        chosen = chosen or (trace.decode_tiled if plan.vae.tiling else None)
-        if chosen is not None and chosen.peak_bytes < call.peak_bytes:
-            call = chosen
-    # cuDNN's workspace beside a convolution, on top of what is live while it runs
-    per_byte = profile.conv_workspace_per_byte
-    working = max([call.peak_bytes] + [
-        live + per_byte.get(kind, per_byte.get(kind.split("_")[0], 0.0)) * size  # unmeasured dtype: half precision's
-        for kind, points in call.convs.items() for live, size in points
-    ])  # fmt: skip
+    quantized or fp8-cast components. ``memo`` keeps what depends on the call and the VAE settings only."""
+    key = (index, plan.vae.tiling, plan.vae.slicing)
+    working = memo.get(key)
+    if working is None:
+        if call.method == "decode":
+            chosen = trace.decode_sliced if plan.vae.slicing and trace.decode_sliced else None
+            chosen = chosen or (trace.decode_tiled if plan.vae.tiling else None)
+            if chosen is not None and chosen.peak_bytes < call.peak_bytes:
+                call = chosen
+        # cuDNN's workspace beside a convolution, on top of what is live while it runs
+        per_byte = profile.conv_workspace_per_byte
+        working = memo[key] = max([call.peak_bytes] + [
+            live + per_byte.get(kind, per_byte.get(kind.split("_")[0], 0.0)) * size  # unmeasured dtype: half precision's
+            for kind, points in call.convs.items() for live, size in points
+        ])  # fmt: skip
     if call.component in plan.converted and call.component in weights.bytes:
         working += weights.converted_layer(plan, call.component)  # the largest layer at full precision, while it computes
     return working
@@ -257,7 +305,8 @@ def host_ram(plan: Plan, weights: Weights, k: Coefficients) -> tuple[float, floa
     setup = setup_host_bytes(plan, weights, per_byte, on_device)
     running = host_bytes(plan, weights, per_byte) + loading.host_leftover_bytes(plan, weights, per_byte)
     ram_load = k.ram_base_bytes["load"] + loading.host_bytes_at_load(plan, weights, setup, per_byte)
-    return ram_load, k.ram_base_bytes["run"] + running
+    compiler = k.compile_ram_bytes if plan.compile != "none" else 0.0  # compiling happens in the first call
+    return ram_load, k.ram_base_bytes["run"] + running + compiler
 
 
 def signature(plan: Plan) -> str:
@@ -275,6 +324,8 @@ def signature(plan: Plan) -> str:
     if plan.layerwise_casting:
         parts.append("fp8_cast")
     parts += [name for name, on in (("tiling", plan.vae.tiling), ("slicing", plan.vae.slicing)) if on]
+    if plan.cache is not None:
+        parts.append(f"cache_{plan.cache.method}" + ("_lite" if getattr(plan.cache, "lite", False) else ""))
     if plan.compile != "none":
         parts.append(f"compile_{plan.compile}")
     if plan.attention_backend:

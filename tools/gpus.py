@@ -45,6 +45,11 @@ class GpuProfile(BaseModel):
     attention_flops_per_s: float
     conv_flops_per_s: float | None = Field(None, description="convolutions (cuDNN); None: at the matmul rate")
     call_overhead_seconds: float = Field(description="per component call: kernel launches and Python")
+    attention_speed: dict[str, float] = Field(
+        default_factory=dict,
+        description="attention rate of each diffusers attention backend relative to 'native' (PyTorch's SDPA), "
+        "measured here; a backend not measured counts as native",
+    )
     source: Literal["measured", "vendor"]
     measured_on: str | None = Field(None, description="the GPU whose runs the efficiency comes from")
 
@@ -95,6 +100,7 @@ def gpu_profile(name: str | None) -> GpuProfile:
     ratio = VENDOR[key][0] / VENDOR[_vendor_key(reference.name)][0]
     return reference.model_copy(update={
         "name": name, "memory_bytes": VENDOR[key][1] * 2**30, "source": "vendor", "measured_on": reference.name,
+        "attention_speed": {},  # kernels' relative speed differs by architecture: only where measured
         "matmul_flops_per_s": reference.matmul_flops_per_s * ratio,
         "attention_flops_per_s": reference.attention_flops_per_s * ratio,
         "conv_flops_per_s": reference.conv_flops_per_s * ratio if reference.conv_flops_per_s else None,

@@ -30,7 +30,7 @@ from .script import (
     SETTING_OF_METHOD, Creation, ScriptInfo, analyze, called_name, denoiser_of, device_type, keyword_arg, nodes_of,
     parse, placement_device, prequantized, quantized_repo, unmask, value_of,
 )  # fmt: skip
-from .strategies import Code, Site, allocator, attention, layerwise_casting, loading, quantize, torch_compile, vae
+from .strategies import Code, Site, allocator, attention, cache, layerwise_casting, loading, quantize, torch_compile, vae
 
 MARKER = "# pipefit:"
 LINE_LIMIT = 100  # longer generated calls get one argument per line
@@ -58,7 +58,7 @@ def patch_script(
 
     ``plan`` is a Plan, a dict, inline JSON or a JSON file path. Additive: the script's own memory
     and speed settings that the plan leaves unset stay (VAE tiling and slicing, fp8 casting, compile,
-    attention); a field the plan sets replaces the script's matching setting; the placement (.to,
+    attention, step cache); a field the plan sets replaces the script's matching setting; the placement (.to,
     offloading) is always the plan's. ``replace`` makes the plan complete: every such setting of the
     script goes, as the plan has it. Every removal is named in the edits. Returns the new source, a
     unified diff and the edits in words. Refuses (PipefitError, nothing written) when the script does not
@@ -178,7 +178,7 @@ def _prepare(
         device_type=device_type(info, site.device),
         component_libraries={n: c.library for n, c in known.items()},
         component_classes={n: c.class_name for n, c in known.items() if c.class_name},
-        denoiser=denoiser_of(creation),
+        denoiser=denoiser_of(creation), pipeline_class=creation.class_name or None,
     )
     findings = check_plan(plan, target)
     errors = [f.message for f in findings if f.severity == "error"]
@@ -205,7 +205,8 @@ def _prepare(
         cast = [c for c in plan.layerwise_casting.components if c not in shared]
         if cast:
             codes.append(layerwise_casting.apply(plan.layerwise_casting, cast, site))
-    codes += [vae.apply(plan, site), attention.apply(plan, site), _placement(plan, site), torch_compile.apply(plan, site)]
+    codes += [vae.apply(plan, site), attention.apply(plan, site), _placement(plan, site), cache.apply(plan, site),
+              torch_compile.apply(plan, site)]  # fmt: skip
     work = _Work(
         creation, site, [(s, c.edit) for c in codes for s in c.statements], [i for c in codes for i in c.imports],
         quant_expr=None, quant_var=_quant_var(info, creation), quant_statement=None,
@@ -261,6 +262,8 @@ def _kept_settings(info: ScriptInfo, creation: Creation, taken: dict[int, tuple[
                 kept["compile"] = "regional" if name == "compile_repeated_blocks" else "full"
             elif setting == "attention" and call.args and isinstance(backend := value_of(info, call.args[0].value), str):
                 kept["attention_backend"] = backend
+            elif name == "enable_cache" and call.args and (spec := _cache_spec(info, call.args[0].value)) is not None:
+                kept["cache"] = spec
     if vae:
         kept["vae"] = VaeSpec(**vae)
     if cast:
@@ -268,11 +271,27 @@ def _kept_settings(info: ScriptInfo, creation: Creation, taken: dict[int, tuple[
     return kept
 
 
+def _cache_spec(info: ScriptInfo, config: cst.BaseExpression):
+    """The plan's cache field for a script's own ``enable_cache(XConfig(...))``, where pipefit models X."""
+    if not isinstance(config, cst.Call):
+        return None
+    method = {cls: m for m, cls in cache.CONFIG_CLASS.items()}.get(called_name(config))
+    if method is None:
+        return None
+    fields = {"cache_interval": "interval", "disable_cache_before_step": "warmup", "max_order": "order",
+              "use_lite_mode": "lite", "threshold": "threshold"}  # fmt: skip
+    given = {fields[a.keyword.value]: value_of(info, a.value) for a in config.args if a.keyword and a.keyword.value in fields}
+    try:
+        return Plan.model_validate({"cache": {"method": method, **given}}).cache
+    except ValueError:
+        return None
+
+
 def _site(info: ScriptInfo, creation: Creation, plan: Plan, warnings: list[str]) -> Site:
     dtype_arg = creation.kwarg("torch_dtype") or creation.kwarg("dtype")
     named = set((plan.quantize.components if plan.quantize else []) + (plan.layerwise_casting.components if plan.layerwise_casting else []))
     denoiser = "unet" if "unet" in named else "transformer" if "transformer" in named else denoiser_of(creation)
-    if denoiser is None and (plan.compile != "none" or plan.attention_backend):
+    if denoiser is None and (plan.compile != "none" or plan.attention_backend or plan.cache):
         warnings.append(
             f"Assumed {creation.pipe}'s denoiser is `transformer` ({creation.class_name} does not say); "
             "for a UNet pipeline change it to `unet`."

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import PipefitError
 
-QuantBackendName = Literal["bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo"]
+QuantBackendName = Literal["bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo", "torchao_fp8dq"]
 OffloadKind = Literal["none", "model", "sequential", "group_block", "group_leaf"]
 Library = Literal["diffusers", "transformers"]
 
@@ -58,8 +58,32 @@ class VaeSpec(_Strict):
     slicing: bool = False
 
 
+class TaylorSeerSpec(_Strict):
+    """diffusers' TaylorSeerCacheConfig: a fixed schedule of full denoiser passes, the steps between them
+    extrapolated from the last ones by a Taylor series."""
+
+    method: Literal["taylorseer"]
+    interval: int = Field(5, ge=1, description="cache_interval: a full pass every this many steps")
+    warmup: int = Field(3, ge=0, description="disable_cache_before_step: full passes before caching starts")
+    order: int = Field(1, ge=0, le=4, description="max_order of the Taylor series")
+    lite: bool = Field(False, description="use_lite_mode: skip whole blocks and extrapolate only the output "
+                       "(least memory, most speed); otherwise every attention module's output is extrapolated")
+
+
+class FirstBlockSpec(_Strict):
+    """diffusers' FirstBlockCacheConfig: the first block always runs; the rest are skipped while its output
+    changes less than ``threshold`` (how often depends on the image)."""
+
+    method: Literal["first_block"]
+    threshold: float = Field(0.05, gt=0, le=1)
+
+
+CacheSpec = Annotated[TaylorSeerSpec | FirstBlockSpec, Field(discriminator="method")]
+
+
 class Plan(_Strict):
-    """How a pipeline is loaded and placed: quantization, fp8 casting, offloading, VAE, compile, attention."""
+    """How a pipeline is loaded and placed, and how fast it runs: quantization, fp8 casting, offloading,
+    VAE, step caching, compile, attention."""
 
     quantize: QuantizeSpec | None = None
     load: Literal["device", "host", "staged"] | None = Field(
@@ -72,6 +96,7 @@ class Plan(_Strict):
     offload: OffloadKind = "none"
     group: GroupSpec | None = None
     vae: VaeSpec = Field(default_factory=VaeSpec)
+    cache: CacheSpec | None = Field(None, description="step caching of the denoiser: faster, and the image changes")
     compile: Literal["none", "regional", "full"] = "none"
     attention_backend: str | None = None
     allocator: Literal["expandable_segments", "default"] = Field(
@@ -103,10 +128,10 @@ class Plan(_Strict):
     @property
     def sets(self) -> frozenset[str]:
         """The script settings this plan decides (what patch replaces; the rest of the user's stay): the
-        placement always; vae_tiling, vae_slicing, compile, attention when set; weights:COMPONENT for
+        placement always; vae_tiling, vae_slicing, compile, attention, cache when set; weights:COMPONENT for
         each component it quantizes or casts (how its weights are stored is then the plan's)."""
         chosen = {"vae_tiling": self.vae.tiling, "vae_slicing": self.vae.slicing, "compile": self.compile != "none",
-                  "attention": self.attention_backend is not None}  # fmt: skip
+                  "attention": self.attention_backend is not None, "cache": self.cache is not None}  # fmt: skip
         return frozenset({"placement", *(name for name, on in chosen.items() if on), *(f"weights:{c}" for c in self.converted)})
 
     @property
@@ -137,10 +162,12 @@ class Target(BaseModel):
     component_classes: dict[str, str] | None = None
     components: list[str] | None = Field(None, description="every component of the pipeline, where all are known")
     denoiser: Literal["unet", "transformer"] | None = None
+    pipeline_class: str | None = None
     repeated_blocks: dict[str, list[str]] | None = Field(
         None, description="the block classes each model declares for regional compile (measure_components)"
     )
     versions: dict[str, str | None] | None = Field(None, description="installed package versions")
+    module_names: list[str] | None = Field(None, description="the denoiser's submodules, blocks.N.attn deep (the dry run)")
 
     def library_of(self, component: str) -> Library:
         """The library of ``component``'s class: known, or by diffusers' naming (text/image encoders
@@ -187,9 +214,10 @@ def all_rules() -> tuple[Rule, ...]:
     """The plan's own rules and every strategy module's, in a stable order."""
     import sys
 
-    from .strategies import attention, group_offload, layerwise_casting, loading, offload, quantize, torch_compile, vae
+    from .strategies import attention, cache, group_offload, layerwise_casting, loading, offload, quantize, torch_compile, vae
 
-    modules = (sys.modules[__name__], quantize, loading, layerwise_casting, offload, group_offload, vae, torch_compile, attention)
+    modules = (sys.modules[__name__], quantize, loading, layerwise_casting, offload, group_offload, vae, torch_compile,
+               attention, cache)  # fmt: skip
     return tuple(rule for module in modules for rule in module.RULES)
 
 

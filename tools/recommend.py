@@ -7,8 +7,10 @@ components kept resident, and to disk for hosts short of RAM), fp8 layerwise cas
 offloading, then bnb nf4 / int8 and torchao int8 / fp8 weight-only alone and with model offload
 (torchao int8 with group offloading too), each in every loading path its backend allows (on the
 GPU, in host RAM, or one component at a time); VAE tiling where the decode is the peak, regional
-compile and an installed attention backend as speed variants. Each is checked
-against the compatibility rules (tools/strategies) and predicted by tools/estimate.
+compile; then, on the fastest plans that fit, speed variants: diffusers' step caches (TaylorSeer,
+First Block Cache: group "cached", the image changes) and the fastest attention backend measured on
+the GPU. Each is checked against the compatibility rules (tools/strategies) and predicted by
+tools/estimate.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from .errors import PipefitError, invalid_input
 from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
-from .plan import Plan, Target, check_plan, parse_plan
-from .strategies import Weights, group_offload, loading
-from .strategies.attention import PACKAGE_OF_BACKEND
+from .plan import FirstBlockSpec, Plan, TaylorSeerSpec, Target, check_plan, parse_plan
+from .strategies import Weights, attention, cache, group_offload, loading
 from .units import format_bytes, parse_size
 
 if TYPE_CHECKING:
@@ -34,10 +35,11 @@ if TYPE_CHECKING:
 
 Preference = Literal["speed", "memory", "quality", "balanced"]
 CODE_FOR = 5  # options that carry their code; every option's plan goes to patch_script as it is
+SPEED_BASES = 6  # the fastest fitting plans that get the speed variants (step caches, attention backends)
 BIG_ENCODER_BYTES = 2**30  # text encoders above this are worth quantizing
 # How far each precision is from the checkpoint's, for the quality and balanced orders.
 PREFERENCES = ("speed", "memory", "quality", "balanced")
-QUALITY_COST = {None: 0, "fp8_cast": 1, "torchao_fp8wo": 1, "torchao_int8wo": 1, "bnb_int8": 2, "bnb_nf4": 3}
+QUALITY_COST = {None: 0, "fp8_cast": 1, "torchao_fp8wo": 1, "torchao_int8wo": 1, "torchao_fp8dq": 2, "bnb_int8": 2, "bnb_nf4": 3}
 
 
 class Machine(BaseModel):
@@ -58,11 +60,14 @@ class Predicted(BaseModel):
     ram_load_bytes: int
     ram_run_bytes: int
     seconds: float = Field(description="one call at the workload, after the first")
+    first_call_seconds: float = Field(description="the first call, compiling included")
 
 
 class Option(BaseModel):
     id: str
-    group: Literal["full_precision", "quantized"]
+    group: Literal["full_precision", "quantized", "cached"] = Field(
+        description="cached: a step cache makes it faster and changes the image (show these apart)"
+    )
     plan: dict
     fits: bool
     predicted: Predicted
@@ -103,6 +108,7 @@ def recommend(
     plan: str | dict | Plan | None = None,
     dtype: str = "bfloat16",
     gpu: str | None = None,
+    calls: int = 1,
     progress: Callable[[str], None] | None = None,
 ) -> Recommendation:
     """Every strategy for ``model`` at this workload (``height`` x ``width``, video ``frames``, ``steps``,
@@ -110,7 +116,9 @@ def recommend(
     given, e.g. "16GiB"):
     predicted peak VRAM (what the driver sees), RAM while loading and while running, and seconds per
     call; whether each fits and why not; ranked by ``prefer``: speed, memory, quality (least precision
-    lost), or balanced (time, +10% per precision step lost).
+    lost), or balanced (time, +10% per precision step lost). Time is per call over ``calls`` calls in one
+    process, the first one's compiling included: compile pays off only over several calls. Step-cached
+    plans (group ``cached``: faster, the image changes) rank first only for ``prefer`` speed.
 
     Options come fitting first, best first; ``group`` separates full-precision offloading/casting
     plans from quantization plans, as they should be presented. ``plan`` evaluates one given plan
@@ -125,6 +133,8 @@ def recommend(
     """
     if prefer not in PREFERENCES:
         raise PipefitError(f"Unknown `prefer` {prefer!r}.", f"Use one of: {', '.join(PREFERENCES)}.")
+    if not isinstance(calls, int) or not 1 <= calls <= 100_000:
+        raise PipefitError(f"`calls` must be a whole number from 1 to 100000, not {calls!r}.", "Pass how many calls one process makes.")
     try:
         workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
     except ValidationError as exc:
@@ -141,13 +151,16 @@ def recommend(
         raise PipefitError(f"The plan cannot run on {measured.pipeline_class}: " + " ".join(errors), "Nothing was evaluated.")
     say(f"Dry-running {measured.pipeline_class} at {workload.height}x{workload.width} on the meta device")
     trace = trace_for(measured, workload)
-    context = _Context(measured, workload, machine, profile, trace, margin)
+    context = _Context(measured, workload, machine, profile, trace, margin, calls)
+    target = target.model_copy(update={"module_names": list(trace.module_costs.get(denoiser_of(measured), {}))})
     plans = [given] if given is not None else candidates(context)
+    if given is None:
+        plans += speed_variants(plans, context, target)
     if plan is None and sys.platform == "win32":  # PyTorch has no expandable segments there
         plans = [p.model_copy(update={"allocator": "default"}) for p in plans]
     say(f"Evaluating {len(plans)} plans")
     options = [_option(p, context, target) for p in plans]
-    options.sort(key=lambda o: (not o.fits, _score(o, prefer) if o.fits else _excess(o, machine)))
+    options.sort(key=lambda o: (not o.fits, _score(o, prefer, calls) if o.fits else _excess(o, machine)))
     for o in [o for o in options if o.fits][:CODE_FOR] if plan is None else options:
         o.code = plan_code(Plan.model_validate(o.plan), measured)  # rewriting a script costs ~20 ms: the best only
     return Recommendation(
@@ -192,7 +205,9 @@ class _Context:
     profile: GpuProfile
     trace: "Trace"
     margin: int
+    calls: int = 1
     _estimates: dict[str, Estimate] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # estimate's per-trace work
 
     def estimate(self, plan: Plan) -> Estimate:
         """The plan's prediction, once per plan (the candidates and their options ask again)."""
@@ -201,8 +216,19 @@ class _Context:
             self._estimates[key] = estimate(
                 plan, self.m, self.w, trace=self.trace, gpu=self.profile,
                 pageable_bytes_per_s=self.machine.pageable_bytes_per_s, pinned_bytes_per_s=self.machine.pinned_bytes_per_s,
+                memo=self._memo,
             )  # fmt: skip
         return self._estimates[key]
+
+    def fits(self, plan: Plan) -> bool:
+        """Whether the plan's prediction fits the machine (the rules are not checked)."""
+        e = self.estimate(plan)
+        return (e.vram_bytes + self.margin <= self.machine.vram_bytes
+                and max(e.ram_load_bytes, e.ram_run_bytes) <= self.machine.ram_bytes)  # fmt: skip
+
+    def per_call(self, e: Estimate) -> float:
+        """Seconds per call over ``calls`` calls, the first one's compiling included."""
+        return (e.first_call_seconds + (self.calls - 1) * e.seconds) / self.calls
 
 
 def _describe(profile: GpuProfile) -> str:
@@ -243,6 +269,10 @@ def candidates(context: _Context) -> list[Plan]:
         stream = {"use_stream": True, "low_cpu_mem_usage": low_cpu, "exclude": sorted({*stream_exclude, *small})}
         placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, **stream}})
         placements.append({"offload": "group_leaf", "group": stream})
+    # only the big text encoders offloaded (they run once per call): the denoiser stays on the GPU
+    encoders_only = {"offload": "group_leaf", "group": {"use_stream": True, "exclude": sorted({denoiser, *small, *stream_exclude})}}
+    if big_encoders:
+        placements.append(encoders_only)
     # when host RAM is short: the groups on disk, read back as they run
     disk = {"offload_to_disk": True, "exclude": sorted({*stream_exclude, *small})}
     placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, "use_stream": True, **disk}})
@@ -251,7 +281,7 @@ def candidates(context: _Context) -> list[Plan]:
     cast = {"layerwise_casting": {"components": [denoiser]}}
     quants = [
         (backend, components)
-        for backend in ("bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo")
+        for backend in ("bnb_nf4", "bnb_int8", "torchao_int8wo", "torchao_fp8wo", "torchao_fp8dq")
         for components in ([denoiser], [denoiser, *big_encoders])
         if backend != "bnb_int8" or components == [denoiser]  # int8 matmul is slow: the denoiser only
     ]
@@ -260,7 +290,8 @@ def candidates(context: _Context) -> list[Plan]:
     # torchao's tensors move under group offloading (diffusers swaps their inner tensors); bitsandbytes' do not
     grouped = [p for p in placements if p.get("offload", "").startswith("group") and not p["group"].get("offload_to_disk")]
     for backend, components in dict.fromkeys((b, tuple(c)) for b, c in quants):
-        for p in ({}, {"offload": "model"}, *(grouped if backend == "torchao_int8wo" else [])):
+        resident_only = [encoders_only] if big_encoders and components == (denoiser,) else []  # nothing quantized moves
+        for p in ({}, {"offload": "model"}, *(grouped if backend == "torchao_int8wo" else resident_only)):
             for load in loading.LOADS:
                 if loading.worth_trying(backend, load, p.get("offload", "none")):
                     raw.append({"quantize": {"backend": backend, "components": list(components)}, "load": load, **p})
@@ -274,14 +305,31 @@ def candidates(context: _Context) -> list[Plan]:
         if plain.peak_stage == "vae" and context.estimate(t).vram_bytes < 0.95 * plain.vram_bytes:
             plans.append(t)
     if comps[denoiser].repeated_blocks:
-        plans += [p.model_copy(update={"compile": "regional"}) for p in plans if p.offload in ("none", "model")]
-    from .hardware import installed_versions
-
-    for backend, package in PACKAGE_OF_BACKEND.items():
-        if installed_versions((package,)).get(package):
-            plans.append(Plan(attention_backend=backend))
+        # compile works with what keeps the graph whole between hooks: no offload, model offload, group streams
+        plans += [p.model_copy(update={"compile": "regional"}) for p in plans
+                  if p.offload in ("none", "model") or (p.grouped and p.group_settings.use_stream)]  # fmt: skip
     unique = {p.model_dump_json(): p for p in plans}
     return list(unique.values())
+
+
+def speed_variants(plans: list[Plan], context: _Context, target: Target) -> list[Plan]:
+    """The fastest fitting plans again with each step cache, with the GPU's fastest attention backend, and
+    with both: these change the speed (a cache also holds some memory), not where the weights live, so
+    only the best placements are worth them. Variants that break a rule are left out."""
+    fitting = [p for p in plans if p.cache is None and context.fits(p)]
+    bases = sorted(fitting, key=lambda p: context.per_call(context.estimate(p)))[:SPEED_BASES]
+    caches = [TaylorSeerSpec(method="taylorseer", lite=True), TaylorSeerSpec(method="taylorseer"),
+              FirstBlockSpec(method="first_block")]  # fmt: skip
+    backend = attention.fastest_backend(context.profile, target)
+    variants = []
+    for base in bases:
+        for spec in caches:
+            variants.append(base.model_copy(update={"cache": spec}))
+        if backend and base.attention_backend is None:
+            faster = base.model_copy(update={"attention_backend": backend})
+            variants += [faster, faster.model_copy(update={"cache": caches[0]})]
+    # the cache's own rules ask diffusers about the pipeline; the others were checked with the bases
+    return [v for v in variants if not any(f.severity == "error" for f in check_plan(v, target))]
 
 
 def _fill_groups(plan: Plan, context: _Context) -> Plan:
@@ -323,7 +371,14 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
         reasons.insert(0, f"Fits: {format_bytes(e.vram_bytes)} VRAM at its peak ({e.peak_stage}), "
                           f"{format_bytes(ram_need)} RAM, {e.seconds:.1f} s per call.")  # fmt: skip
     if plan.compile != "none":
-        reasons.append("The first call compiles the repeated blocks (a minute or more); later calls are faster.")
+        reasons.append(f"The first call compiles ({e.first_call_seconds:.0f} s with compiling, predicted); later calls "
+                       f"{e.seconds:.1f} s. Worth it over several calls in one process (`calls`).")  # fmt: skip
+    if plan.cache is not None:
+        denoiser = denoiser_of(context.m)
+        reasons.append(cache.how_the_image_changes(plan, context.trace, denoiser, context.w.steps))
+        held = cache.held_bytes(plan, context.trace, denoiser)
+        if held:
+            reasons.append(f"The cache keeps {format_bytes(held)} on the GPU while the pipeline runs (counted in the peak).")
     if plan.grouped and plan.group_settings.use_stream:
         reasons.append(group_offload.STREAM_CAVEAT)
     if plan.grouped and plan.group_settings.offload_to_disk:
@@ -334,9 +389,11 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
     if e.basis == "derived":
         reasons.append("Derived from the pipeline's code and sizes; no GPU run of this family and kind of plan backs it.")
     return Option(
-        id=signature(plan) + _components_suffix(plan), group="quantized" if plan.quantize else "full_precision",
+        id=signature(plan) + _components_suffix(plan),
+        group="cached" if plan.cache else "quantized" if plan.quantize else "full_precision",
         plan=plan.model_dump(exclude_defaults=True), fits=fits,
-        predicted=Predicted(vram_bytes=e.vram_bytes, ram_load_bytes=e.ram_load_bytes, ram_run_bytes=e.ram_run_bytes, seconds=e.seconds),
+        predicted=Predicted(vram_bytes=e.vram_bytes, ram_load_bytes=e.ram_load_bytes, ram_run_bytes=e.ram_run_bytes,
+                            seconds=e.seconds, first_call_seconds=e.first_call_seconds),
         peak_stage=e.peak_stage, basis=e.basis, reasons=reasons, code="",
     )  # fmt: skip
 
@@ -352,20 +409,22 @@ def _components_suffix(plan: Plan) -> str:
     return suffix
 
 
-def _score(o: Option, prefer: Preference) -> tuple:
+def _score(o: Option, prefer: Preference, calls: int = 1) -> tuple:
     plan = Plan.model_validate(o.plan)
     cost = QUALITY_COST[plan.quantize.backend if plan.quantize else ("fp8_cast" if plan.layerwise_casting else None)]
-    s = o.predicted.seconds
+    p = o.predicted
+    s = round((p.first_call_seconds + (calls - 1) * p.seconds) / calls, 3)
     # equally fast plans (loading paths differ in memory, not in speed): the one with more room left first
-    room = (o.predicted.vram_bytes, max(o.predicted.ram_load_bytes, o.predicted.ram_run_bytes))
+    room = (p.vram_bytes, max(p.ram_load_bytes, p.ram_run_bytes))
     if prefer == "speed":
         return (s, *room)
+    cached = plan.cache is not None  # it changes the image: first only when speed is what was asked for
     if prefer == "memory":
-        return (o.predicted.vram_bytes, s)
+        return (cached, p.vram_bytes, s)
     if prefer == "quality":
-        return (cost, s, *room)
+        return (cached, cost, s, *room)
     # balanced: a precision step is worth 10% of the time
-    return (round(s * (1 + 0.1 * cost), 2), *room)
+    return (cached, round(s * (1 + 0.1 * cost), 2), *room)
 
 
 def _excess(o: Option, machine: Machine) -> tuple:

@@ -32,6 +32,7 @@ PIPE_METHODS = frozenset({
 COMPONENT_METHODS = frozenset({
     "enable_layerwise_casting", "compile_repeated_blocks", "compile", "set_attention_backend",
     "enable_group_offload", "enable_tiling", "enable_slicing", "disable_tiling", "disable_slicing",
+    "enable_cache", "disable_cache",
 })  # fmt: skip
 HOOK_FUNCTIONS = frozenset({"apply_group_offloading", "apply_layerwise_casting"})
 # which plan field a governed call is about (everything else: the placement, which every plan sets)
@@ -42,6 +43,7 @@ SETTING_OF_METHOD = {
     "enable_layerwise_casting": "layerwise_casting", "apply_layerwise_casting": "layerwise_casting",
     "compile_repeated_blocks": "compile", "compile": "compile",
     "set_attention_backend": "attention", "enable_xformers_memory_efficient_attention": "attention",
+    "enable_cache": "cache", "disable_cache": "cache",
 }  # fmt: skip
 ATTENTION_METHODS = frozenset({"enable_xformers_memory_efficient_attention"})
 _DTYPE_ARG = re.compile(r"^(torch\.)?(b?float\d+|half|float|dtype|torch_dtype|\w*_dtype)$")
@@ -104,7 +106,7 @@ class ScriptInfo:
     module: cst.Module
     creations: list[Creation]
     managed: dict[int, tuple[str, cst.BaseStatement]]  # id(statement) -> (pipe, statement)
-    # id(managed statement) -> what it sets: placement, vae_tiling, vae_slicing, compile, attention, weights:COMPONENT
+    # id(managed statement) -> what it sets: placement, vae_tiling, vae_slicing, compile, attention, cache, weights:COMPONENT
     settings: dict[int, frozenset[str]]
     containers: dict[int, Container]  # id(statement) -> the block holding it
     lines: dict[int, int]  # id(node) -> line

@@ -104,9 +104,9 @@ def device_bytes(plan: "Plan", name: str, comp) -> int:
 
 
 def _measured_as(backend: str) -> str:
-    """The backend whose measured sizes stand for ``backend``'s: torchao's fp8 weight-only stores a byte
-    per weight, as its int8 does."""
-    return "torchao_int8wo" if backend == "torchao_fp8wo" else backend
+    """The backend whose measured sizes stand for ``backend``'s: torchao's fp8 configs (weight-only and
+    dynamic-activation) store a byte per weight, as its int8 does."""
+    return "torchao_int8wo" if backend in ("torchao_fp8wo", "torchao_fp8dq") else backend
 
 
 def resident(plan: "Plan", trace: "Trace", weights: Weights) -> list[int]:

@@ -43,6 +43,16 @@ def _missing_package(plan: "Plan", target: "Target") -> str | None:
     return None if target.versions[package] else f"{plan.attention_backend} ({package})"
 
 
+def fastest_backend(profile, target: "Target") -> str | None:
+    """The attention backend measured fastest on this GPU (``profile.attention_speed``), if it beats
+    PyTorch's own choice and its package is installed; None for UNet denoisers (no dispatch)."""
+    if target.denoiser == "unet":
+        return None
+    faster = {name: speed for name, speed in profile.attention_speed.items() if speed > 1.0 and name != "native"}
+    usable = [n for n in faster if _package_for(n) is None or (target.versions or {}).get(_package_for(n))]
+    return max(usable, key=faster.get, default=None)
+
+
 RULES = (
     Rule(
         "attention.known_backend",

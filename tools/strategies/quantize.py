@@ -159,14 +159,23 @@ RULES = (
     ),
     Rule(
         "quantize.fp8_needs_sm89",
-        lambda plan, target: ".".join(map(str, target.compute_capability))
+        lambda plan, target: f"{plan.quantize.backend} needs float8 compute (compute capability 8.9+: Ada, Hopper, "
+        f"Blackwell); this GPU is sm {'.'.join(map(str, target.compute_capability))}"
         if plan.quantize
-        and plan.quantize.backend == "torchao_fp8wo"
+        and plan.quantize.backend in FP8_BACKENDS
         and target.compute_capability is not None
         and target.compute_capability < (8, 9)
         else None,
-        "torchao_fp8wo needs float8 compute (compute capability 8.9+: Ada, Hopper); this GPU is sm {0}.",
+        "{0}.",
         "Use torchao_int8wo or bnb_int8.",
+    ),
+    Rule(
+        "quantize.fp8_compute_needs_gpu",
+        lambda plan, target: "torchao_fp8dq"
+        if plan.quantize and plan.quantize.backend == "torchao_fp8dq" and target.device_type in ("cpu", "mps")
+        else None,
+        "{0} runs its matmuls in float8 with CUDA kernels (torch._scaled_mm); there are none on this device.",
+        "Use torchao_int8wo here, or run on a CUDA GPU of compute capability 8.9+.",
     ),
     Rule(
         "quantize.not_with_layerwise_casting",
@@ -200,7 +209,12 @@ _BNB_KWARGS = {
     "bnb_int8": {"load_in_8bit": "True"},
 }
 _BNB_PIPELINE_BACKEND = {"bnb_nf4": "bitsandbytes_4bit", "bnb_int8": "bitsandbytes_8bit"}
-_TORCHAO_CONFIG = {"torchao_int8wo": "Int8WeightOnlyConfig", "torchao_fp8wo": "Float8WeightOnlyConfig"}
+_TORCHAO_CONFIG = {
+    "torchao_int8wo": "Int8WeightOnlyConfig", "torchao_fp8wo": "Float8WeightOnlyConfig",
+    # fp8 weights and activations: the matmuls themselves run in float8 (faster), not only the storage
+    "torchao_fp8dq": "Float8DynamicActivationFloat8WeightConfig",
+}  # fmt: skip
+FP8_BACKENDS = ("torchao_fp8wo", "torchao_fp8dq")
 _CONFIG_IMPORT = {
     "diffusers": ("from diffusers import {name}", "{name}"),
     # both libraries name their configs alike; the transformers one is imported under a distinct name
