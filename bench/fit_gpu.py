@@ -188,30 +188,46 @@ def host_terms(runs: list[dict], k) -> dict:
 
 
 def transfer_terms(runs: list[dict], k) -> dict:
-    """The share of the host's pageable copy rate each offloading mechanism reaches: for each run that
-    offloads, the transfer time the placement's model predicts at full rate over the measured time
-    beyond the compute (the same plan predicted with transfers free); the median per mechanism."""
-    from statistics import median
+    """How fast each offloading mechanism moves weights, from the runs that offload: the measured time
+    beyond the compute (the same plan predicted with transfers free) against the bytes moved at the full
+    copy rate and, for group offloading, the groups copied. Per mechanism, with three runs or more of
+    group offloading: the share of the rate and a fixed time per group copied, by least squares on
+    relative errors; otherwise the median share alone."""
+    import numpy as np
+    from scipy import optimize
 
     mechanisms = {*k.transfer_efficiency, "stream_leaf", "stream_block"}
-    free = dict.fromkeys(mechanisms, 1e9)
-    full = dict.fromkeys(mechanisms, 1.0)
-    shares: dict[str, list[float]] = {}
+
+    def seconds(r, plan, m, efficiency, copy):
+        update = {"transfer_efficiency": dict.fromkeys(mechanisms, efficiency), "copy_seconds": dict.fromkeys(mechanisms, copy)}
+        return estimate(plan, m, workload_of(r), coefficients=k.model_copy(update=update)).seconds
+
+    points: dict[str, list[tuple[float, float, float]]] = {}
     for r in runs:
         plan = plan_of(r)
-        g = plan.group_settings
-        key = {"model": "model", "sequential": "sequential"}.get(plan.offload) or (
-            None if not plan.grouped or g.offload_to_disk else "stream_low_cpu_mem" if g.use_stream and g.low_cpu_mem_usage
-            else group_offload.stream_mechanism(plan) if g.use_stream else "group")  # fmt: skip
-        if key is None:
+        if plan.offload in ("model", "sequential"):
+            key = plan.offload
+        elif plan.grouped and not plan.group_settings.offload_to_disk:
+            key = group_offload.copy_mechanism(plan)
+        else:
             continue
         m = _measured(r)
-        compute = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": free})).seconds
-        at_full = estimate(plan, m, workload_of(r), coefficients=k.model_copy(update={"transfer_efficiency": full})).seconds
+        compute = seconds(r, plan, m, 1e9, 0.0)
+        at_rate = seconds(r, plan, m, 1.0, 0.0) - compute
+        copies = seconds(r, plan, m, 1e9, 1.0) - compute if plan.grouped else 0.0
         beyond = r["seconds"] - compute
-        if beyond > 0.05 * r["seconds"] and at_full > compute:
-            shares.setdefault(key, []).append((at_full - compute) / beyond)
-    return {"transfer_efficiency": {**k.transfer_efficiency, **{key: round(median(v), 4) for key, v in shares.items()}}}
+        if beyond > 0.05 * r["seconds"] and at_rate > 0:
+            points.setdefault(key, []).append((at_rate, copies, beyond))
+    efficiency, copy_seconds = dict(k.transfer_efficiency), dict(k.copy_seconds)
+    for key, rows_ in points.items():
+        at_rate, copies, beyond = (np.array(v) for v in zip(*rows_))
+        if len(rows_) >= 3 and copies.any():
+            (inverse_share, per_copy), _ = optimize.nnls(np.stack([at_rate, copies], 1) / beyond[:, None], np.ones(len(beyond)))
+            if inverse_share > 0:
+                efficiency[key], copy_seconds[key] = round(float(1 / inverse_share), 4), float(f"{per_copy:.3g}")
+                continue
+        efficiency[key], copy_seconds[key] = round(float(np.median(at_rate / beyond)), 4), 0.0
+    return {"transfer_efficiency": efficiency, "copy_seconds": copy_seconds}
 
 
 def _steady_step(r: dict) -> float:
@@ -307,7 +323,7 @@ def main() -> None:
         data["profiles"][profile.name] = profile.model_dump()
         PROFILES.write_text(json.dumps(data, indent=1) + "\n")
     print("host RAM terms:", {"base GiB": {p: round(v / GiB, 3) for p, v in k.ram_base_bytes.items()}, **k.ram_copy_per_byte})
-    print("transfer efficiency:", k.transfer_efficiency)
+    print("transfer efficiency:", k.transfer_efficiency, "seconds per group copied:", k.copy_seconds)
     held_out = rows(args.held_out)
     if held_out:
         print(f"held out (not fitted on): {sorted({r['build'] for r in held_out})}")
@@ -347,7 +363,7 @@ def main() -> None:
 
         calibration = json.loads(CALIBRATION.read_text())
         calibration.update(ram_base_bytes=k.ram_base_bytes, ram_copy_per_byte=k.ram_copy_per_byte,
-                           transfer_efficiency=k.transfer_efficiency, **speed)
+                           transfer_efficiency=k.transfer_efficiency, copy_seconds=k.copy_seconds, **speed)
         measured: dict[str, set[str]] = {}
         for r in runs:
             measured.setdefault(r["model"], set()).add(signature(plan_of(r)))

@@ -239,3 +239,21 @@ def test_group_offload_residency_matches_the_real_hooks(kind, plan_name, tiny_fo
         assert predicted[name] >= real, (name, predicted[name], real)
         if plan.offload == "group_block" and name != "vae":
             assert predicted[name] == real, name
+
+
+def test_a_side_stream_keeps_its_largest_moment_for_the_rest_of_the_call(tiny_folders):
+    """With streams the copies come from the side stream's own pool, which the main stream cannot reuse:
+    once the text encoders were streamed, the VAE decode (resident) still has their largest moment beside
+    it. Without streams nothing stays behind."""
+    kwargs = TINY["flux"]
+    m = measure_components(str(tiny_folders["flux"]), dtype="float32")
+    trace = trace_pipeline(str(tiny_folders["flux"]), height=kwargs["height"], width=kwargs["width"], steps=2,
+                           dtype="float32")  # fmt: skip
+    streamed = Plan(offload="group_leaf", group={"use_stream": True, "exclude": ["vae"]})
+    plain = Plan(offload="group_leaf", group={"exclude": ["vae"]})
+    weights = Weights.of(streamed, m)
+    vae_call = next(i for i, c in enumerate(trace.calls) if c.component == "vae")
+    before = {c.component for c in trace.calls[:vae_call]}
+    pool = max(weights.leaf_pair(n) for n in before)
+    assert group_offload.resident(streamed, trace, weights)[vae_call] == weights.bytes["vae"] + pool
+    assert group_offload.resident(plain, trace, weights)[vae_call] == weights.bytes["vae"]

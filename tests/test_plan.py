@@ -69,6 +69,11 @@ CASES = [
      {"offload": "group_block", "group": {"record_stream": True, "use_stream": True}}),
     ("group_offload.low_cpu_mem_usage_needs_stream", {"offload": "group_leaf", "group": {"low_cpu_mem_usage": True}},
      CUDA, {"offload": "group_leaf", "group": {"low_cpu_mem_usage": True, "use_stream": True}}),
+    ("group_offload.torchao_low_cpu_mem_grows",
+     {"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}, "load": "host",
+      "offload": "group_leaf", "group": {"use_stream": True, "low_cpu_mem_usage": True}}, CUDA,
+     {"quantize": {"backend": "torchao_int8wo", "components": ["transformer"]}, "load": "host",
+      "offload": "group_leaf", "group": {"use_stream": True, "low_cpu_mem_usage": True, "exclude": ["transformer"]}}),
     ("plan.unknown_component", {"quantize": {"backend": "bnb_nf4", "components": ["transformer"]}},
      Target(components=["unet", "vae", "text_encoder"]),
      {"quantize": {"backend": "bnb_nf4", "components": ["unet"]}}),
@@ -105,7 +110,7 @@ def test_each_rule_fires_when_broken_and_only_then(rule, breaking, target, fine)
     if target.model_dump(exclude_none=True) and rule.split(".")[1] not in (
         "not_with_layerwise_casting", "group_settings_need_group_offload", "streams_force_one_block",
         "record_stream_needs_stream", "low_cpu_mem_usage_needs_stream", "known_backend", "diffusers_models_only",
-        "int8_not_on_host", "torchao_not_while_streaming", "needs_quantization",
+        "int8_not_on_host", "torchao_not_while_streaming", "needs_quantization", "torchao_low_cpu_mem_grows",
     ):  # fmt: skip
         assert rule not in {f.rule for f in check_plan(Plan.model_validate(breaking), Target())}
 

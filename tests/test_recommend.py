@@ -104,6 +104,9 @@ def test_every_strategy_family_is_evaluated_and_grouped(flux_16):
                      "model+compile_regional"):  # fmt: skip
         # "[...]": the blocks per group and the components kept resident
         assert any(i == expected or i.startswith(expected + "[") for i in ids), expected
+    # streams with the small components offloaded too (least VRAM) and kept resident (fewer copies)
+    assert {"group_leaf+stream[resident: vae]", "group_leaf+stream[resident: text_encoder,vae]"} <= ids
+    assert not any("low_cpu_mem+torchao" in i for i in ids)  # measured to pile up on the GPU
     assert len(ids) == len(flux_16.options)  # every option its own id
     cached = [o for o in flux_16.options if "+cache_" in o.id]
     assert cached and {o.group for o in cached} == {"cached"} and all(parse_plan(o.plan).cache for o in cached)

@@ -24,18 +24,7 @@ def _modules(pipe):
 
 def _installed_groups(module):
     """The ModuleGroups diffusers' hooks hold, each as the bytes it moves."""
-    groups = {}
-    for sub in module.modules():
-        registry = getattr(sub, "_diffusers_hook", None)
-        for hook in (registry.hooks.values() if registry else []):
-            if getattr(hook, "group", None) is not None:
-                groups[id(hook.group)] = hook.group
-    sizes = []
-    for group in groups.values():
-        tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
-        tensors.update({id(t): t for t in (*(group.parameters or []), *(group.buffers or []))})
-        sizes.append(sum(tensor_bytes(t) for t in tensors.values()))
-    return sizes
+    return [sum(map(tensor_bytes, tensors)) for tensors in _installed_group_tensors(module)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -57,6 +46,44 @@ def test_largest_leaf_matches_leaf_level_hooks(pipes, kind):
         real = copy.deepcopy(module)
         apply_group_offloading(real, onload_device=torch.device("cpu"), offload_type="leaf_level")
         assert group_offload.largest_leaf_bytes(module) == max(_installed_groups(real)), f"{kind}.{name}"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_leaf_stream_holds_the_two_largest_layers_a_shared_tensor_once(pipes, kind):
+    """Leaf level copies one layer while the one before runs: the two largest of diffusers' own groups,
+    where a tensor two layers share (a T5's tied ``shared``/``encoder.embed_tokens``) is copied once."""
+    from diffusers.hooks import apply_group_offloading
+
+    for name, module in _modules(pipes[kind]).items():
+        real = copy.deepcopy(module)
+        apply_group_offloading(real, onload_device=torch.device("cpu"), offload_type="leaf_level")
+        seen: set[int] = set()
+        sizes = []
+        for group in _installed_group_tensors(real):
+            fresh = [t for t in group if id(t) not in seen]
+            seen.update(map(id, fresh))
+            sizes.append(sum(map(tensor_bytes, fresh)))
+        assert group_offload.leaf_pair_bytes(module) <= sum(sorted(sizes)[-2:]), f"{kind}.{name}"
+        assert group_offload.leaf_pair_bytes(module) >= sorted(sizes)[-1], f"{kind}.{name}"
+    t5 = pipes["flux"].text_encoder_2
+    if t5.shared.weight is t5.encoder.embed_tokens.weight:  # tied: the vocabulary embedding moves once
+        assert group_offload.leaf_pair_bytes(t5) < 2 * group_offload.largest_leaf_bytes(t5)
+
+
+def _installed_group_tensors(module) -> list[list]:
+    """The tensors of each ModuleGroup diffusers' hooks hold, largest group first."""
+    groups = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        for hook in (registry.hooks.values() if registry else []):
+            if getattr(hook, "group", None) is not None:
+                groups[id(hook.group)] = hook.group
+    out = []
+    for group in groups.values():
+        tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
+        tensors.update({id(t): t for t in (*(group.parameters or []), *(group.buffers or []))})
+        out.append(list(tensors.values()))
+    return sorted(out, key=lambda ts: -sum(map(tensor_bytes, ts)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -57,6 +57,9 @@ class Coefficients(BaseModel):
     )
     step_factor: dict[str, float] = Field(description="step time relative to bf16, by quantization backend or 'fp8_cast'")
     transfer_efficiency: dict[str, float] = Field(description="rate reached / measured pageable rate, by mechanism")
+    copy_seconds: dict[str, float] = Field(
+        default_factory=dict, description="fixed seconds per group copied, by group-offloading mechanism"
+    )
     pageable_bytes_per_s: float
     pinned_bytes_per_s: float
     margin_fraction: float = Field(description="the largest under-prediction seen, kept free on the GPU")
@@ -190,7 +193,7 @@ def estimate(
     step = 0.0
     for call in trace.calls:
         own = backend if call.component == denoiser else None
-        t = call_seconds(call, profile, own)
+        t = call_seconds(_decode_run(plan, call, trace), profile, own)
         if call.step is not None:
             if call.component == denoiser and cached:  # the hooked modules do not run on cached steps
                 t -= cached * compute_seconds(saved_flops, 0.0, saved_attention, profile, own)
@@ -200,7 +203,7 @@ def estimate(
             seconds += t
     seconds += w.steps * step
     rates = Rates(pageable_bytes_per_s or k.pageable_bytes_per_s, pinned_bytes_per_s or k.pinned_bytes_per_s,
-                  k.transfer_efficiency)  # fmt: skip
+                  k.transfer_efficiency, k.copy_seconds)  # fmt: skip
     seconds += transfer_seconds(plan, trace, weights, rates, w.steps, step)
 
     compiling = torch_compile.first_call_seconds(plan, m.components.get(denoiser), k.compile_seconds_per_block)
@@ -261,11 +264,9 @@ def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", weig
     key = (index, plan.vae.tiling, plan.vae.slicing)
     working = memo.get(key)
     if working is None:
-        if call.method == "decode":
-            chosen = trace.decode_sliced if plan.vae.slicing and trace.decode_sliced else None
-            chosen = chosen or (trace.decode_tiled if plan.vae.tiling else None)
-            if chosen is not None and chosen.peak_bytes < call.peak_bytes:
-                call = chosen
+        chosen = _decode_run(plan, call, trace)
+        if chosen.peak_bytes < call.peak_bytes:
+            call = chosen
         # cuDNN's workspace beside a convolution, on top of what is live while it runs
         per_byte = profile.conv_workspace_per_byte
         working = memo[key] = max([call.peak_bytes] + [
@@ -275,6 +276,15 @@ def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", weig
     if call.component in plan.converted and call.component in weights.bytes:
         working += weights.converted_layer(plan, call.component)  # the largest layer at full precision, while it computes
     return working
+
+
+def _decode_run(plan: Plan, call: "ComponentCall", trace: "Trace") -> "ComponentCall":
+    """The VAE decode the plan runs: its own sliced or tiled path where the plan turns it on (overlapping
+    tiles: more FLOPs), else the call as traced."""
+    if call.method != "decode":
+        return call
+    chosen = trace.decode_sliced if plan.vae.slicing and trace.decode_sliced else None
+    return chosen or (trace.decode_tiled if plan.vae.tiling else None) or call
 
 
 def _upcast(plan: Plan, call: "ComponentCall", m: PipelineMeasurement) -> int:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("bfloat16", "float16", "float32")
-_CACHE_SCHEMA = 3  # bump when the measurement's meaning changes
+_CACHE_SCHEMA = 4  # bump when the measurement's meaning changes
 # The code whose rules the figures come from: editing it (a fixed skip rule, say) invalidates the cache.
 _RULE_SOURCES = ("measure.py", "sizes.py", "strategies")
 _MODEL_LIBRARIES = ("diffusers", "transformers")
@@ -74,6 +74,8 @@ class ComponentMeasurement(BaseModel):
         None, description="each backend's largest converted weight at the load dtype (dequantized while it computes)"
     )
     largest_leaf_bytes: int | None = None
+    leaf_pair_bytes: int | None = Field(None, description="the two largest layers: what a layer-by-layer stream holds at once")
+    leaf_count: int | None = Field(None, description="the layers leaf-level offloading copies one by one")
     pinned_bytes: int | None = Field(None, description="a pinned host copy of every tensor, each rounded up to a power of two")
     leaf_offload_root_bytes: int | None = Field(
         None, description="kept on the device by leaf-level offloading for the whole forward: norms, position tables"
@@ -325,6 +327,8 @@ def _measure_module(model: "torch.nn.Module", class_name: str, library: str, dty
         quantized_bytes={name: quantize.quantized_bytes(model, library, name) for name in quantize.BACKENDS},
         largest_quantized_layer_bytes={name: quantize.largest_converted_bytes(model, library, name) for name in quantize.BACKENDS},
         largest_leaf_bytes=group_offload.largest_leaf_bytes(model),
+        leaf_pair_bytes=group_offload.leaf_pair_bytes(model),
+        leaf_count=group_offload.leaf_count(model),
         pinned_bytes=pinned_bytes(model),
         leaf_offload_root_bytes=group_offload.leaf_level_root_bytes(model),
         blocks=blocks,

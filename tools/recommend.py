@@ -265,10 +265,12 @@ def candidates(context: _Context) -> list[Plan]:
     for exclude in ([], small):
         placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, "exclude": exclude}})
         placements.append({"offload": "group_leaf", "group": {"exclude": exclude}})
-    for low_cpu in (False, True):
-        stream = {"use_stream": True, "low_cpu_mem_usage": low_cpu, "exclude": sorted({*stream_exclude, *small})}
-        placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, **stream}})
-        placements.append({"offload": "group_leaf", "group": stream})
+    # with streams, the small components offloaded too (least VRAM) or kept resident (fewer transfers)
+    for exclude in dict.fromkeys((tuple(stream_exclude), tuple(sorted({*stream_exclude, *small})))):
+        for low_cpu in (False, True):
+            stream = {"use_stream": True, "low_cpu_mem_usage": low_cpu, "exclude": list(exclude)}
+            placements.append({"offload": "group_block", "group": {"num_blocks_per_group": 1, **stream}})
+            placements.append({"offload": "group_leaf", "group": stream})
     # only the big text encoders offloaded (they run once per call): the denoiser stays on the GPU
     encoders_only = {"offload": "group_leaf", "group": {"use_stream": True, "exclude": sorted({denoiser, *small, *stream_exclude})}}
     if big_encoders:
@@ -295,6 +297,8 @@ def candidates(context: _Context) -> list[Plan]:
             for load in loading.LOADS:
                 if loading.worth_trying(backend, load, p.get("offload", "none")):
                     raw.append({"quantize": {"backend": backend, "components": list(components)}, "load": load, **p})
+    # measured to pile up on the GPU (the rule group_offload.torchao_low_cpu_mem_grows): not offered
+    raw = [p for p in raw if not group_offload.torchao_pinned_on_the_fly(Plan.model_validate(p))]
     plans = [Plan.model_validate(p) for p in raw]
     plans = [_fill_groups(p, context) for p in plans]
 

@@ -73,6 +73,15 @@ class Weights:
             return 0
         return int((self.measured.components[name].largest_leaf_bytes or 0) * self._scale(name))
 
+    def leaf_pair(self, name: str) -> int:
+        """The two largest layers of ``name`` as stored under the plan (group_offload.leaf_pair_bytes); twice
+        the largest where the measurement predates the field."""
+        if name not in self.bytes:
+            return 0
+        comp = self.measured.components[name]
+        pair = comp.leaf_pair_bytes if comp.leaf_pair_bytes is not None else 2 * (comp.largest_leaf_bytes or 0)
+        return int(pair * self._scale(name))
+
     def converted_layer(self, plan: "Plan", name: str) -> int:
         """The largest layer of ``name`` the plan converts, at full precision: what it holds dequantized
         (or upcast) while that layer computes, or before it is quantized while loading."""
@@ -122,16 +131,22 @@ class Rates:
     pageable_bytes_per_s: float
     pinned_bytes_per_s: float
     efficiency: dict[str, float]
+    copy_seconds: dict[str, float] = field(default_factory=dict)  # per copy, by mechanism: launch and sync
 
 
-def moved_per_step(trace: "Trace", weights: Weights, kept: set[str] = frozenset()) -> tuple[float, int]:
+def moved_per_step(trace: "Trace", weights: Weights, kept: set[str] = frozenset()) -> tuple[float, float]:
     """(bytes of the components called in the denoising loop, per step; bytes of the others): what an
     offloading hook moves through the GPU per step and once per call."""
+    return per_step(trace, weights.bytes, kept)
+
+
+def per_step(trace: "Trace", per_call: dict[str, float], kept: set[str] = frozenset()) -> tuple[float, float]:
+    """(``per_call`` summed over the denoising loop's calls, per step; summed over the other components, once):
+    ``per_call`` is what each component's call costs (bytes moved, copies made)."""
     in_loop = [c.component for c in trace.calls if c.step is not None and c.component not in kept]
-    per_step = sum(weights.bytes.get(n, 0) for n in in_loop) / max(trace.steps_run, 1)
     looped = set(in_loop)
-    others = sum(b for n, b in weights.bytes.items() if n not in looped and n not in kept)
-    return per_step, others
+    others = sum(v for n, v in per_call.items() if n not in looped and n not in kept)
+    return sum(per_call.get(n, 0) for n in in_loop) / max(trace.steps_run, 1), others
 
 
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: Weights, rates: Rates, steps: int, step_seconds: float) -> float:

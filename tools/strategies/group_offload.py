@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..plan import Rule
-from ..sizes import module_bytes
+from ..sizes import module_bytes, tensor_bytes
 from . import Code
 
 if TYPE_CHECKING:
@@ -61,8 +61,9 @@ def block_level_groups(module: "torch.nn.Module", num_blocks_per_group: int = 1)
 BLOCKS_PER_GROUP = (1, 2, 4, 8, 16)  # the group sizes recommend tries
 # What the residency model leaves out, said with every prediction it affects.
 STREAM_CAVEAT = (
-    "Group offloading with CUDA streams: blocks the side stream keeps are not in the prediction; one "
-    "measured run peaked 20% above it (SD3.5-medium, H200). Prove it with run_trial before relying on it."
+    "Group offloading with CUDA streams: the side stream's own cached blocks are counted as its largest "
+    "moment, kept for the rest of the call (checked on Wan 2.1, SDXL and Flux on an H200; before that model, "
+    "SD3.5-medium peaked 20% above the prediction). Prove it with run_trial before relying on it."
 )
 
 
@@ -107,12 +108,35 @@ def leaf_level_root_bytes(module: "torch.nn.Module") -> int:
     return max(module_bytes(module) - leaves, 0)
 
 
-def largest_leaf_bytes(module: "torch.nn.Module") -> int:
-    """Largest single layer leaf-level offloading moves (Conv*/Linear/Embedding, own weights only)."""
+def _leaf_sizes(module: "torch.nn.Module") -> list[int]:
+    """The own weights of each layer leaf-level offloading moves (Conv*/Linear/Embedding), largest first;
+    a tensor two layers share (a T5's ``shared`` and ``encoder.embed_tokens``) counted once."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
-    sizes = [module_bytes(m, recurse=False) for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)]
-    return max(sizes, default=0)
+    seen: set[int] = set()
+    sizes = []
+    for leaf in (m for m in module.modules() if isinstance(m, _GO_LC_SUPPORTED_PYTORCH_LAYERS)):
+        tensors = [t for t in (*leaf.parameters(recurse=False), *leaf.buffers(recurse=False)) if id(t) not in seen]
+        seen.update(map(id, tensors))
+        sizes.append(sum(map(tensor_bytes, tensors)))
+    return sorted(sizes, reverse=True)
+
+
+def leaf_count(module: "torch.nn.Module") -> int:
+    """How many layers leaf-level offloading copies in, one by one, per forward."""
+    return sum(1 for size in _leaf_sizes(module) if size)
+
+
+def largest_leaf_bytes(module: "torch.nn.Module") -> int:
+    """Largest single layer leaf-level offloading moves."""
+    return next(iter(_leaf_sizes(module)), 0)
+
+
+def leaf_pair_bytes(module: "torch.nn.Module") -> int:
+    """The most two layers can hold at once: the one running and the next one copied in (leaf level with
+    streams, sequential offload). The two largest bound it; twice the largest would count a text encoder's
+    vocabulary embedding (2.1 GB in UMT5-XXL, which runs once, first) twice."""
+    return sum(_leaf_sizes(module)[:2])
 
 
 RULES = (
@@ -164,7 +188,27 @@ RULES = (
         "Set use_stream to true or drop low_cpu_mem_usage.",
         severity="warning",
     ),
+    Rule(
+        "group_offload.torchao_low_cpu_mem_grows",
+        lambda plan, target: plan.quantize.backend
+        if torchao_pinned_on_the_fly(plan)
+        else None,
+        "{0} weights under group offloading with low_cpu_mem_usage piled up on the GPU (measured on the H200: "
+        "Flux.1-dev at leaf level ran out of memory at 7.4 GiB allocated, 4.2 GiB predicted): the prediction "
+        "does not hold for this combination.",
+        "Drop low_cpu_mem_usage (copies pinned at setup), or keep the quantized components resident.",
+        severity="warning",
+    ),
 )
+
+
+def torchao_pinned_on_the_fly(plan: "Plan") -> bool:
+    """torchao-quantized components group-offloaded with streams pinned on the fly (low_cpu_mem_usage)."""
+    if not (plan.grouped and plan.quantize and plan.quantize.backend.startswith("torchao")):
+        return False
+    group = plan.group_settings
+    moved = set(plan.quantize.components) - set(group.exclude)
+    return group.use_stream and group.low_cpu_mem_usage and bool(moved)
 
 
 def apply(plan: "Plan", site: "Site") -> Code:
@@ -200,20 +244,28 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
     there; nested block modules keep their levels' roots (see :func:`block_level_peaks`). Leaf level
     moves one layer (two with streams). A CLIP or T5 encoder has no top-level block list, so block
     level moves it whole.
+
+    With streams the copies are made on a side stream, from the caching allocator's pool for that stream,
+    which the main stream's allocations cannot reuse: the side stream's largest moment so far stays
+    reserved for the rest of the call (measured on the H200: Wan 2.1's UMT5 leaf-streamed left 2.0 GiB
+    reserved above allocated through the VAE decode, against 0.9 without streams).
     """
     group = plan.group_settings
     kept = sum(weights.bytes.get(name, 0) for name in group.exclude)
-    ahead = 2 if group.use_stream else 1
-    out = []
+    out, side_pool = [], 0
     for call in trace.calls:
         name = call.component
+        own = moved = 0
         if name in group.exclude or name not in weights.bytes:
-            out.append(kept)
+            pass
         elif plan.offload == "group_leaf":
-            root = weights.measured.components[name].leaf_offload_root_bytes or 0
-            out.append(kept + ahead * weights.largest_leaf(name) + root)
+            own = weights.measured.components[name].leaf_offload_root_bytes or 0
+            moved = weights.leaf_pair(name) if group.use_stream else weights.largest_leaf(name)
         else:
-            out.append(kept + weights.block_peak(name, _block_key(group)))
+            moved = weights.block_peak(name, _block_key(group))
+        if group.use_stream:
+            side_pool = moved = max(side_pool, moved)
+        out.append(kept + own + moved)
     return out
 
 
@@ -225,23 +277,43 @@ def _block_key(group) -> str:
 
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
     """Every forward moves the offloaded groups through the GPU, at the share of the host's copy rate each
-    mechanism reaches: with streams from pinned copies, of the pinned rate, by level (leaf groups are
-    many small copies); pinned on the fly (low_cpu_mem_usage) or without streams, of the pageable rate.
-    The stream's copy was meant to hide behind the compute; on the H200 host it did not (Wan 2.1 and
-    SDXL leaf level, Flux.1-dev int8 block level: each step slower by the whole copy), so none is
-    hidden."""
-    from . import moved_per_step
+    mechanism reaches: with streams from pinned copies, of the pinned rate, by level; pinned on the fly
+    (low_cpu_mem_usage) or without streams, of the pageable rate. Each group copied also costs a fixed
+    time (its copies launched, the streams synchronised): leaf level copies every layer on its own, so
+    Wan's and SDXL's many small layers move slower than Flux's large ones. Both terms are fitted per
+    mechanism (calibration.json ``transfer_efficiency``, ``copy_seconds``; bench/fit_gpu.py): on the H200's
+    leaf streams of Flux, SDXL and Wan, about 0.27 ms per layer and a share of the pinned rate above 1,
+    i.e. the side stream hides part of the bytes behind the compute."""
+    from . import moved_per_step, per_step
 
     group = plan.group_settings
-    per_step, others = moved_per_step(trace, weights, set(group.exclude))
+    kept = set(group.exclude)
+    bytes_per_step, bytes_once = moved_per_step(trace, weights, kept)
+    moved = steps * bytes_per_step + bytes_once
     eff, pageable, pinned = rates.efficiency, rates.pageable_bytes_per_s, rates.pinned_bytes_per_s
     if group.offload_to_disk:  # every group read back from its file each time it runs
-        return (steps * per_step + others) / ASSUMED_DISK_BYTES_PER_S
-    if group.use_stream and not group.low_cpu_mem_usage:
-        share = eff.get(stream_mechanism(plan), 1.0)
-        return (steps * per_step + others) / (share * pinned)
-    rate = eff["stream_low_cpu_mem"] if group.use_stream else eff["group"]
-    return (steps * per_step + others) / (rate * pageable)
+        return moved / ASSUMED_DISK_BYTES_PER_S
+    key = copy_mechanism(plan)
+    copies_per_step, copies_once = per_step(trace, {n: _groups(plan, weights, n) for n in weights.bytes}, kept)
+    fixed = (steps * copies_per_step + copies_once) * rates.copy_seconds.get(key, 0.0)
+    rate = pinned if key.startswith("stream_") and key != "stream_low_cpu_mem" else pageable
+    return moved / (eff.get(key, 1.0) * rate) + fixed
+
+
+def _groups(plan: "Plan", weights: "Weights", name: str) -> int:
+    """How many groups of ``name`` are copied in per forward."""
+    comp = weights.measured.components[name]
+    if plan.offload == "group_leaf":
+        return comp.leaf_count or 0
+    return len(comp.block_offload_groups_bytes) or 1
+
+
+def copy_mechanism(plan: "Plan") -> str:
+    """The transfer-efficiency key of a group-offloading plan: how its copies are made."""
+    group = plan.group_settings
+    if not group.use_stream:
+        return "group"
+    return "stream_low_cpu_mem" if group.low_cpu_mem_usage else stream_mechanism(plan)
 
 
 def stream_mechanism(plan: "Plan") -> str:
@@ -295,8 +367,11 @@ def _largest_group(plan: "Plan", weights: "Weights", name: str) -> int:
 
 def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
     """Host RAM when group offloading is applied: the pinned copies, made at once beside the weights they
-    copy (read from their files); without them, components already on the GPU moved to host memory."""
-    from .loading import largest_file_bytes
+    copy, read from their files; a component's loaded weights stay mapped until its groups are all pinned,
+    so the largest whole component counts, not its largest file (measured on the H200: Flux.1-dev leaf
+    streams peaked at 70.1 GiB, the 46.9 GiB of pinned copies plus the 22.2 GiB transformer, whose
+    weights span three files). Without streams, components already on the GPU moved to host memory."""
+    from .loading import largest_file_bytes, quantized_at_load
 
     group = plan.group_settings
     offloaded = _offloaded(plan, weights)
@@ -304,6 +379,8 @@ def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, 
     if group.offload_to_disk:  # the weights are read from their files once to write the group files
         return max((largest_file_bytes(comps[n]) for n in offloaded), default=0)
     if group.use_stream and not group.low_cpu_mem_usage:
-        files = max((largest_file_bytes(comps[n]) for n in offloaded if n not in on_device), default=0)
-        return copy_per_byte["pinned"] * _pinned(plan, weights) + files
+        # staged loading parked its quantized components in host RAM already (strategies.loading counts them)
+        parked = set(quantized_at_load(plan, weights)) if plan.loading == "staged" else set()
+        mapped = max((weights.bytes[n] for n in offloaded if n not in on_device and n not in parked), default=0)
+        return copy_per_byte["pinned"] * _pinned(plan, weights) + mapped
     return copy_per_byte[_host_term(group)] * sum(weights.bytes[n] for n in on_device if n in offloaded)

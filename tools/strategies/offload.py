@@ -60,7 +60,7 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
     if plan.offload == "none":
         return [weights.total] * len(trace.calls)
     if plan.offload == "sequential":
-        return [2 * weights.largest_leaf(call.component) for call in trace.calls]
+        return [weights.leaf_pair(call.component) for call in trace.calls]
     chain = [name for name in trace.offload_sequence if name in weights.bytes]
     previous = {name: chain[i - 1] for i, name in enumerate(chain) if i}
     on = {name for name in trace.exclude_from_offload if name in weights.bytes}
