@@ -89,6 +89,37 @@ def test_schedule_and_held_bytes_are_the_hooks_own(tiny_dirs, kind, spec, call):
     assert cache.held_bytes(plan, trace, "transformer") == held[-1] > 0
 
 
+@pytest.mark.parametrize("steps, spec", [(STEPS, {}), (28, {"threshold": 0.1, "max_skip": 2, "retention": 0.1})],
+                         ids=["default", "looser"])  # fmt: skip
+def test_mag_cache_schedule_is_the_hooks_own_on_fluxs_ratios(tiny_dirs, steps, spec):
+    """diffusers' MagCache hooks on the tiny Flux with the ratios diffusers ships for Flux.1: the steps the
+    head block really runs are the ones pipefit derives, and patch writes a config diffusers accepts."""
+    import diffusers
+    import torch
+    from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+    plan = Plan.model_validate({"cache": {"method": "mag", "steps": steps, **spec}})
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tiny_dirs["flux"])
+    pipe.transformer.enable_cache(diffusers.MagCacheConfig(
+        threshold=plan.cache.threshold, max_skip_steps=plan.cache.max_skip, retention_ratio=plan.cache.retention,
+        num_inference_steps=steps, mag_ratios=FLUX_MAG_RATIOS))  # fmt: skip
+    head = pipe.transformer.transformer_blocks[0]
+    ran, per_step = [], []
+    next(iter(head.children())).register_forward_hook(lambda *args: ran.append(len(per_step)))
+
+    def on_step_end(pipe, step, timestep, kwargs):
+        per_step.append(ran.count(len(per_step)) > 0)
+        return kwargs
+
+    with torch.no_grad():
+        pipe("a fox", height=32, width=32, num_inference_steps=steps, callback_on_step_end=on_step_end, output_type="latent")
+    schedule = cache.computed_steps(plan.cache, steps, "FluxTransformer2DModel")
+    assert per_step == schedule and schedule.count(False) > 0
+    assert cache.computed_steps(plan.cache, steps, "WanTransformer3DModel") is None  # no ratios shipped
+    code = cache.apply(plan, type("Site", (), {"pipe": "pipe", "denoiser": "transformer"})())
+    assert f"num_inference_steps={steps}" in code.statements[0] and "mag_ratios=FLUX_MAG_RATIOS" in code.statements[0]
+
+
 def test_what_the_cache_saves_is_the_hooked_modules_work(tiny_dirs):
     trace = trace_pipeline(str(tiny_dirs["flux"]), dtype="float32", height=32, width=32, steps=STEPS)
     call = trace.denoiser_calls("transformer")[0]
@@ -104,12 +135,15 @@ def test_what_the_cache_saves_is_the_hooked_modules_work(tiny_dirs):
     assert cache.cached_fraction(lite, STEPS) == cache.computed_steps(lite.cache, STEPS).count(False) / STEPS
     first_block = Plan.model_validate({"cache": {"method": "first_block"}})
     assert cache.saved_per_cached_call(first_block, trace, "transformer") == (0.0, 0.0)  # depends on the image
+    # MagCache skips the block stack: what lite mode skips, within the few modules lite's patterns add
+    mag_flops, mag_attention = cache.saved_per_cached_call(Plan.model_validate({"cache": {"method": "mag"}}), trace, "transformer")
+    assert mag_attention == pytest.approx(lite_attention) and mag_flops == pytest.approx(lite_flops, rel=0.01)
 
 
 def test_real_pipelines_pass_the_cache_rules_and_the_refused_ones_are_diffusers_refusals():
     flux = Target(component_classes={"transformer": "FluxTransformer2DModel"}, denoiser="transformer",
                   pipeline_class="FluxPipeline", repeated_blocks={"transformer": ["FluxTransformerBlock", "FluxSingleTransformerBlock"]})  # fmt: skip
-    for spec in ({"method": "taylorseer"}, {"method": "taylorseer", "lite": True}, {"method": "first_block"}):
+    for spec in ({"method": "taylorseer"}, {"method": "taylorseer", "lite": True}, {"method": "first_block"}, {"method": "mag"}):
         assert not [f for f in check_plan(Plan.model_validate({"cache": spec}), flux) if f.rule.startswith("cache.")]
     import diffusers
 

@@ -188,7 +188,7 @@ def estimate(
     steps_seen = max(trace.steps_run, 1)
     backend = plan.attention_backend if denoiser != "unet" else None  # UNet attention does not dispatch
     saved_flops, saved_attention = step_cache.saved_per_cached_call(plan, trace, denoiser)
-    cached = step_cache.cached_fraction(plan, w.steps)
+    cached = step_cache.cached_fraction(plan, w.steps, m.components[denoiser].class_name if denoiser else None)
     seconds = 0.0
     step = 0.0
     for call in trace.calls:

@@ -279,7 +279,8 @@ def _cache_spec(info: ScriptInfo, config: cst.BaseExpression):
     if method is None:
         return None
     fields = {"cache_interval": "interval", "disable_cache_before_step": "warmup", "max_order": "order",
-              "use_lite_mode": "lite", "threshold": "threshold"}  # fmt: skip
+              "use_lite_mode": "lite", "threshold": "threshold", "max_skip_steps": "max_skip",
+              "retention_ratio": "retention", "num_inference_steps": "steps"}  # fmt: skip
     given = {fields[a.keyword.value]: value_of(info, a.value) for a in config.args if a.keyword and a.keyword.value in fields}
     try:
         return Plan.model_validate({"cache": {"method": method, **given}}).cache

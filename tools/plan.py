@@ -78,7 +78,21 @@ class FirstBlockSpec(_Strict):
     threshold: float = Field(0.05, gt=0, le=1)
 
 
-CacheSpec = Annotated[TaylorSeerSpec | FirstBlockSpec, Field(discriminator="method")]
+class MagSpec(_Strict):
+    """diffusers' MagCacheConfig: the whole block stack is skipped while the error its magnitude ratios
+    accumulate stays under ``threshold`` (at most ``max_skip`` steps in a row, none in the first
+    ``retention`` of the steps). The ratios are the checkpoint's own; diffusers ships Flux.1's, so the
+    schedule is fixed and known before the call."""
+
+    method: Literal["mag"]
+    threshold: float = Field(0.06, gt=0, le=1)
+    max_skip: int = Field(3, ge=0, description="max_skip_steps: steps skipped in a row at most")
+    retention: float = Field(0.2, ge=0, le=1, description="retention_ratio: the share of first steps never skipped")
+    steps: int = Field(28, ge=1, le=1000, description="num_inference_steps: the steps the script runs (the ratios "
+                       "are stretched to them)")
+
+
+CacheSpec = Annotated[TaylorSeerSpec | FirstBlockSpec | MagSpec, Field(discriminator="method")]
 
 
 class Plan(_Strict):

@@ -26,7 +26,7 @@ from .errors import PipefitError, invalid_input
 from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
-from .plan import FirstBlockSpec, Plan, TaylorSeerSpec, Target, check_plan, parse_plan
+from .plan import FirstBlockSpec, MagSpec, Plan, TaylorSeerSpec, Target, check_plan, parse_plan
 from .strategies import Weights, attention, cache, group_offload, loading
 from .units import format_bytes, parse_size
 
@@ -323,7 +323,7 @@ def speed_variants(plans: list[Plan], context: _Context, target: Target) -> list
     fitting = [p for p in plans if p.cache is None and context.fits(p)]
     bases = sorted(fitting, key=lambda p: context.per_call(context.estimate(p)))[:SPEED_BASES]
     caches = [TaylorSeerSpec(method="taylorseer", lite=True), TaylorSeerSpec(method="taylorseer"),
-              FirstBlockSpec(method="first_block")]  # fmt: skip
+              FirstBlockSpec(method="first_block"), MagSpec(method="mag", steps=context.w.steps)]  # fmt: skip
     backend = attention.fastest_backend(context.profile, target)
     variants = []
     for base in bases:
@@ -379,7 +379,8 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
                        f"{e.seconds:.1f} s. Worth it over several calls in one process (`calls`).")  # fmt: skip
     if plan.cache is not None:
         denoiser = denoiser_of(context.m)
-        reasons.append(cache.how_the_image_changes(plan, context.trace, denoiser, context.w.steps))
+        reasons.append(cache.how_the_image_changes(plan, context.trace, denoiser, context.w.steps,
+                                                   context.m.components[denoiser].class_name))  # fmt: skip
         held = cache.held_bytes(plan, context.trace, denoiser)
         if held:
             reasons.append(f"The cache keeps {format_bytes(held)} on the GPU while the pipeline runs (counted in the peak).")

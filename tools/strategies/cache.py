@@ -12,6 +12,10 @@
 - ``first_block`` (FirstBlockCacheConfig): the first block runs every step; the rest are skipped while
   its output changes less than ``threshold``. How many steps that is depends on the image, so pipefit
   predicts no speed-up for it (at most: every step after the first but the first block).
+- ``mag`` (MagCacheConfig): every block is skipped (the last full step's residual added instead) while
+  the error accumulated from the checkpoint's magnitude ratios stays under ``threshold``. The ratios are
+  measured per checkpoint, not per image, so the schedule is the hook's arithmetic on them; diffusers
+  ships Flux.1's (FLUX_MAG_RATIOS) and raises without ratios, so pipefit offers it for Flux.1 only.
 
 Each guidance pass (``cache_context("cond")`` / ``"uncond"``) keeps its own state; the state is reset
 when the pipeline call ends (``maybe_free_model_hooks``), after the VAE decode.
@@ -28,21 +32,60 @@ from . import Code
 
 if TYPE_CHECKING:
     from ..dryrun import ModuleCost, Trace
-    from ..plan import FirstBlockSpec, Plan, TaylorSeerSpec, Target
+    from ..plan import CacheSpec, MagSpec, Plan, TaylorSeerSpec, Target
     from . import Site
 
-CONFIG_CLASS = {"taylorseer": "TaylorSeerCacheConfig", "first_block": "FirstBlockCacheConfig"}
+CONFIG_CLASS = {"taylorseer": "TaylorSeerCacheConfig", "first_block": "FirstBlockCacheConfig", "mag": "MagCacheConfig"}
+# the magnitude ratios diffusers ships (diffusers.hooks.mag_cache), by the denoiser class they were measured on
+MAG_RATIOS = {"FluxTransformer2DModel": "FLUX_MAG_RATIOS"}
 
 
 # ---- what the hooks do --------------------------------------------------------------------------
 
 
-def computed_steps(spec: "TaylorSeerSpec | FirstBlockSpec", steps: int) -> list[bool] | None:
-    """Per denoising step, whether the denoiser runs in full (TaylorSeerCacheHook._measure_should_compute's
-    arithmetic); None where it depends on the image (first_block)."""
-    if spec.method != "taylorseer":
+def computed_steps(spec: "CacheSpec", steps: int, denoiser_class: str | None = None) -> list[bool] | None:
+    """Per denoising step, whether the denoiser runs in full: TaylorSeerCacheHook._measure_should_compute's
+    arithmetic, or MagCacheHeadHook's on the ratios diffusers ships for ``denoiser_class``; None where it
+    depends on the image (first_block) or no ratios are known."""
+    if spec.method == "taylorseer":
+        return [s < spec.warmup or (s - spec.warmup - 1) % spec.interval == 0 for s in range(steps)]
+    if spec.method == "mag" and (ratios := _mag_ratios(denoiser_class, spec.steps)) is not None:
+        return _mag_schedule(spec, ratios, steps)
+    return None
+
+
+@lru_cache(maxsize=16)
+def _mag_ratios(denoiser_class: str | None, steps: int) -> tuple[float, ...] | None:
+    """The shipped ratios stretched to ``steps`` as MagCacheConfig does (nearest_interp)."""
+    name = MAG_RATIOS.get(denoiser_class or "")
+    if name is None:
         return None
-    return [s < spec.warmup or (s - spec.warmup - 1) % spec.interval == 0 for s in range(steps)]
+    from diffusers.hooks import mag_cache
+
+    ratios = getattr(mag_cache, name)
+    if len(ratios) != steps:
+        ratios = mag_cache.nearest_interp(ratios, steps)
+    return tuple(float(r) for r in ratios)
+
+
+def _mag_schedule(spec: "MagSpec", ratios: tuple[float, ...], steps: int) -> list[bool]:
+    """MagCacheHeadHook.new_forward's decision, step by step (one state per guidance pass, alike)."""
+    retention_step = int(spec.retention * spec.steps + 0.5)
+    ratio, skipped, error, has_residual = 1.0, 0, 0.0, False
+    out = []
+    for step in range(steps):
+        compute = True
+        if step >= retention_step:
+            ratio *= ratios[step] if step < len(ratios) else 1.0
+            skipped += 1
+            error += abs(1.0 - ratio)
+            if has_residual and error <= spec.threshold and skipped <= spec.max_skip:
+                compute = False
+            else:
+                ratio, skipped, error = 1.0, 0, 0.0
+        has_residual = has_residual or compute  # the tail block keeps the residual of a full step
+        out.append(compute)
+    return out
 
 
 def _patterns(spec: "TaylorSeerSpec") -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -72,12 +115,20 @@ def _hooked(active: tuple[str, ...], inactive: tuple[str, ...], names: tuple[str
     return [n for n, skip in chosen.items() if not skip], [n for n, skip in chosen.items() if skip]
 
 
+def _blocks(costs: dict[str, "ModuleCost"]) -> list[str]:
+    """The blocks of the denoiser's block lists, as MagCache finds them (apply_mag_cache)."""
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    lists = "|".join(map(re.escape, _ALL_TRANSFORMER_BLOCK_IDENTIFIERS))
+    return [n for n in costs if re.fullmatch(rf"({lists})\.\d+", n)]
+
+
 def saved_per_cached_call(plan: "Plan", trace: "Trace", denoiser: str) -> tuple[float, float]:
     """(matmul FLOPs, attention FLOPs) one denoiser call does not run on a cached step."""
     costs = trace.module_costs.get(denoiser, {})
-    if plan.cache is None or plan.cache.method != "taylorseer" or not costs:
+    if plan.cache is None or plan.cache.method == "first_block" or not costs:
         return 0.0, 0.0
-    names = [n for group in hooked(plan.cache, costs) for n in group]
+    names = _blocks(costs) if plan.cache.method == "mag" else [n for group in hooked(plan.cache, costs) for n in group]
     return sum(costs[n].flops for n in names), sum(costs[n].attention_flops for n in names)
 
 
@@ -92,26 +143,32 @@ def held_bytes(plan: "Plan", trace: "Trace", denoiser: str) -> int:
         # the factors are stored in bfloat16 (taylor_factors_dtype's default): 2 bytes per element of each output
         per_element = 2 / _itemsize(trace.dtype)
         return int(passes * (plan.cache.order + 1) * per_element * sum(costs[n].output_bytes for n in active))
-    # first_block: the first block's output and residual, and the rest's residuals (hidden and encoder states)
+    # first_block: the first block's output and residual, and the rest's residuals (hidden and encoder states);
+    # mag: the head block's input and the last full step's residual
     first = next((n for n in costs if re.fullmatch(r"[^.]*blocks\.0", n)), None)
-    return passes * 3 * (costs[first].output_bytes if first else 0)
+    return passes * (2 if plan.cache.method == "mag" else 3) * (costs[first].output_bytes if first else 0)
 
 
 def _itemsize(dtype: str) -> int:
     return 4 if dtype in ("float32", "float") else 8 if dtype == "float64" else 2
 
 
-def cached_fraction(plan: "Plan", steps: int) -> float:
+def cached_fraction(plan: "Plan", steps: int, denoiser_class: str | None = None) -> float:
     """The share of steps whose hooked modules do not run (0 where it depends on the image)."""
-    schedule = computed_steps(plan.cache, steps) if plan.cache else None
+    schedule = computed_steps(plan.cache, steps, denoiser_class) if plan.cache else None
     return 0.0 if not schedule else schedule.count(False) / len(schedule)
 
 
-def how_the_image_changes(plan: "Plan", trace: "Trace", denoiser: str, steps: int) -> str:
+def how_the_image_changes(plan: "Plan", trace: "Trace", denoiser: str, steps: int, denoiser_class: str | None = None) -> str:
     """What a user should expect of the output, in words."""
     spec = plan.cache
     if spec is None:
         return ""
+    if spec.method == "mag":
+        schedule = computed_steps(spec, steps, denoiser_class) or []
+        return (f"The image changes: the denoiser runs in full on {schedule.count(True)} of {steps} steps; on the other "
+                f"{schedule.count(False)} MagCache skips every block and adds the last full step's residual, as the "
+                f"checkpoint's magnitude ratios allow (threshold {spec.threshold:g}). Compare with a fixed seed.")  # fmt: skip
     if spec.method == "first_block":
         return (f"The image changes: after the first block, the denoiser's other blocks are skipped on steps where the first "
                 f"block's output moved less than {spec.threshold:g} (more skipped at a higher threshold, and with softer "
@@ -165,7 +222,7 @@ def _enters_cache_context(pipeline_class: str) -> bool | None:
 
 
 def _unregistered_blocks(plan: "Plan", target: "Target") -> str | None:
-    if plan.cache is None or plan.cache.method != "first_block" or not target.repeated_blocks:
+    if plan.cache is None or plan.cache.method not in ("first_block", "mag") or not target.repeated_blocks:
         return None
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
@@ -174,6 +231,13 @@ def _unregistered_blocks(plan: "Plan", target: "Target") -> str | None:
     blocks = target.repeated_blocks.get(target.denoiser or "transformer") or []
     missing = [b for b in blocks if b not in known]
     return ", ".join(missing) or None
+
+
+def _no_mag_ratios(plan: "Plan", target: "Target") -> str | None:
+    if plan.cache is None or plan.cache.method != "mag" or not target.component_classes:
+        return None
+    name = (target.component_classes or {}).get(target.denoiser or "transformer", "")
+    return name if name not in MAG_RATIOS else None
 
 
 def _nothing_hooked(plan: "Plan", target: "Target") -> str | None:
@@ -199,10 +263,17 @@ RULES = (
         "Leave cache unset for this pipeline.",
     ),
     Rule(
-        "cache.first_block_needs_registered_blocks",
+        "cache.needs_registered_blocks",
         _unregistered_blocks,
-        "First Block Cache does not know the blocks {0} (diffusers: 'Module class ... not registered').",
+        "First Block Cache and MagCache do not know the blocks {0} (diffusers: 'Module class ... not registered').",
         "Use the taylorseer cache.",
+    ),
+    Rule(
+        "cache.mag_needs_ratios",
+        _no_mag_ratios,
+        "MagCache needs the checkpoint's magnitude ratios, and diffusers ships them for Flux.1 only: {0} has none "
+        "(diffusers: '`mag_ratios` must be provided').",
+        "Use the taylorseer cache, or calibrate ratios with MagCacheConfig(calibrate=True) and set them yourself.",
     ),
     Rule(
         "cache.taylorseer_hooks_nothing",
@@ -219,13 +290,18 @@ def apply(plan: "Plan", site: "Site") -> Code:
     if spec is None:
         return Code()
     cls = CONFIG_CLASS[spec.method]
+    imports = [f"from diffusers import {cls}"]
     if spec.method == "taylorseer":
         args = f"cache_interval={spec.interval}, disable_cache_before_step={spec.warmup}, max_order={spec.order}"
         args += ", use_lite_mode=True" if spec.lite else ""
+    elif spec.method == "mag":
+        args = (f"threshold={spec.threshold}, max_skip_steps={spec.max_skip}, retention_ratio={spec.retention}, "
+                f"num_inference_steps={spec.steps}, mag_ratios={MAG_RATIOS['FluxTransformer2DModel']}")  # fmt: skip
+        imports.append(f"from diffusers.hooks.mag_cache import {MAG_RATIOS['FluxTransformer2DModel']}")
     else:
         args = f"threshold={spec.threshold}"
     return Code(
         (f"{site.pipe}.{site.denoiser}.enable_cache({cls}({args}))",),
-        (f"from diffusers import {cls}",),
+        tuple(imports),
         f"{spec.method} step cache on {site.denoiser}",
     )
