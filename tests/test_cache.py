@@ -182,3 +182,17 @@ def test_a_patched_script_with_a_cache_runs(tiny_dirs, tmp_path):
     # the script's own cache stays when the plan leaves it unset, and the rules see it with the plan
     again = patch_script(str(patched), {"offload": "none"}, output="again.py")
     assert "enable_cache(" in (tmp_path / "again.py").read_text() and again.source.count("enable_cache(") == 1
+
+
+def test_patch_says_when_mag_cache_steps_differ_from_the_scripts(tmp_path):
+    from pipefit.tools.patch import patch_source
+
+    source = ("import torch\nfrom diffusers import FluxPipeline\n\n"
+              "pipe = FluxPipeline.from_pretrained('black-forest-labs/FLUX.1-dev', torch_dtype=torch.bfloat16)\n"
+              "pipe.to('cuda')\nimage = pipe('a fox', num_inference_steps=50).images[0]\n")  # fmt: skip
+    off = patch_source(source, {"cache": {"method": "mag", "steps": 28}})
+    assert any("set cache.steps to 50" in w for w in off.warnings)
+    assert "num_inference_steps=28, mag_ratios=FLUX_MAG_RATIOS" in off.source
+    assert "from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS" in off.source
+    right = patch_source(source, {"cache": {"method": "mag", "steps": 50}})
+    assert not any("cache.steps" in w for w in right.warnings)

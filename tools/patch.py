@@ -27,8 +27,8 @@ from .errors import PipefitError
 from .files import read_user_text
 from .plan import LayerwiseCastingSpec, Plan, Target, VaeSpec, check_plan, parse_plan
 from .script import (
-    SETTING_OF_METHOD, Creation, ScriptInfo, analyze, called_name, denoiser_of, device_type, keyword_arg, nodes_of,
-    parse, placement_device, prequantized, quantized_repo, unmask, value_of,
+    SETTING_OF_METHOD, Creation, ScriptInfo, analyze, call_workload, called_name, denoiser_of, device_type, keyword_arg,
+    nodes_of, parse, placement_device, prequantized, quantized_repo, unmask, value_of,
 )  # fmt: skip
 from .strategies import Code, Site, allocator, attention, cache, layerwise_casting, loading, quantize, torch_compile, vae
 
@@ -113,6 +113,8 @@ def patch_source(source: str, plan: str | dict | Plan, filename: str = "script.p
     edits: list[str] = []
     warnings: list[str] = []
     work = [_prepare(info, creation, plan, filename, warnings, taken) for creation in info.creations]
+    if (steps := cache.steps_mismatch(plan, call_workload(info).get("steps"))) is not None:
+        warnings.append(steps)
     rewriter = _Rewriter(info, work, edits, taken, plan.sets)
     new_module = module.visit(rewriter)
     edits.sort(key=lambda edit: int(m.group(1)) if (m := re.search(r"line (\d+)", edit)) else 10**9)

@@ -284,6 +284,16 @@ RULES = (
 )
 
 
+def steps_mismatch(plan: "Plan", script_steps: int | None) -> str | None:
+    """What to say when MagCache's ratios are stretched to other steps than the script runs (diffusers
+    says nothing: past the ratios' end it simply stops skipping)."""
+    spec = plan.cache
+    if spec is None or spec.method != "mag" or script_steps is None or script_steps == spec.steps:
+        return None
+    return (f"MagCache's ratios are stretched to {spec.steps} steps and the script runs {script_steps}: "
+            f"set cache.steps to {script_steps}.")
+
+
 def apply(plan: "Plan", site: "Site") -> Code:
     """``pipe.<denoiser>.enable_cache(<config>)`` once the pipeline is placed."""
     spec = plan.cache
