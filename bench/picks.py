@@ -58,6 +58,11 @@ def _capped_within(row: dict, vram: int, ram: int) -> bool:
     )
 
 
+def _ran(row: dict, build: str, workload: dict) -> bool:
+    """Whether a row is of this built-in at this workload (any steps: the caller chose them)."""
+    return row["build"] == build and {k: v for k, v in row["workload"].items() if k != "steps"} == workload
+
+
 def how_it_ran(runs: list[dict], vram: int, ram: int) -> tuple[str, dict | None]:
     """('under caps' | 'uncapped, within' | 'failed' | 'too big' | 'not run', the row that says so). A run
     that stopped (an OOM under the caps, or the RAM cap) is 'failed' unless another run of it fitted."""
@@ -85,18 +90,9 @@ def main() -> None:
     missing: dict[str, dict] = {}
     met = total = 0
     for build, (workload, dtype) in FAMILIES.items():
-        runs = [
-            r
-            for r in every
-            if r["build"] == build and {k: v for k, v in r["workload"].items() if k != "steps"} == workload
-        ]
+        runs = [r for r in every if _ran(r, build, workload)]
         by_plan: dict[str, list[dict]] = {}
-        failed = [
-            r
-            for r in stopped
-            if r["build"] == build and {k: v for k, v in r["workload"].items() if k != "steps"} == workload
-        ]
-        for r in runs + failed:
+        for r in runs + [r for r in stopped if _ran(r, build, workload)]:
             by_plan.setdefault(plan_of(r).model_dump_json(), []).append(r)
         print(f"\n{build} {workload} {dtype}, {args.steps} steps: {len(runs)} runs")
         for vram, ram in CELLS:
