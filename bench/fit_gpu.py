@@ -342,8 +342,7 @@ def main() -> None:
         ram_errors += [(p - q) / q for p, q in ram_pairs if q]
         err = (e.vram_bytes - r["peak_vram_bytes"]) / r["peak_vram_bytes"]
         errors.append(err)
-        steady = r["step_seconds"][1:] or r["step_seconds"]
-        measured_step = sum(steady) / len(steady)
+        measured_step = _steady_step(r)
         denoiser = denoiser_of(m)
         trace = trace_for(m, w)
         predicted_step = sum(

@@ -8,7 +8,7 @@ offloading, then bnb nf4 / int8 and torchao int8 / fp8 weight-only alone and wit
 (torchao int8 with group offloading too), each in every loading path its backend allows (on the
 GPU, in host RAM, or one component at a time); VAE tiling where the decode is the peak, regional
 compile; then, on the fastest plans that fit, speed variants: diffusers' step caches (TaylorSeer,
-First Block Cache: group "cached", the image changes) and the fastest attention backend measured on
+First Block Cache, MagCache: group "cached", the image changes) and the fastest attention backend measured on
 the GPU. Each is checked against the compatibility rules (tools/strategies) and predicted by
 tools/estimate.
 """
@@ -228,7 +228,12 @@ class _Context:
 
     def per_call(self, e: Estimate) -> float:
         """Seconds per call over ``calls`` calls, the first one's compiling included."""
-        return (e.first_call_seconds + (self.calls - 1) * e.seconds) / self.calls
+        return per_call_seconds(e.first_call_seconds, e.seconds, self.calls)
+
+
+def per_call_seconds(first_call: float, later: float, calls: int) -> float:
+    """Seconds per call over ``calls`` calls in one process: the first (compiling) and the ones after."""
+    return (first_call + (calls - 1) * later) / calls
 
 
 def _describe(profile: GpuProfile) -> str:
@@ -297,9 +302,9 @@ def candidates(context: _Context) -> list[Plan]:
             for load in loading.LOADS:
                 if loading.worth_trying(backend, load, p.get("offload", "none")):
                     raw.append({"quantize": {"backend": backend, "components": list(components)}, "load": load, **p})
-    # measured to pile up on the GPU (the rule group_offload.torchao_low_cpu_mem_grows): not offered
-    raw = [p for p in raw if not group_offload.torchao_pinned_on_the_fly(Plan.model_validate(p))]
     plans = [Plan.model_validate(p) for p in raw]
+    # measured to pile up on the GPU (the rule group_offload.torchao_low_cpu_mem_grows): not offered
+    plans = [p for p in plans if not group_offload.torchao_pinned_on_the_fly(p)]
     plans = [_fill_groups(p, context) for p in plans]
 
     # VAE tiling where the decode is the peak; compile and an attention backend as speed variants
@@ -418,7 +423,7 @@ def _score(o: Option, prefer: Preference, calls: int = 1) -> tuple:
     plan = Plan.model_validate(o.plan)
     cost = QUALITY_COST[plan.quantize.backend if plan.quantize else ("fp8_cast" if plan.layerwise_casting else None)]
     p = o.predicted
-    s = round((p.first_call_seconds + (calls - 1) * p.seconds) / calls, 3)
+    s = round(per_call_seconds(p.first_call_seconds, p.seconds, calls), 3)
     # equally fast plans (loading paths differ in memory, not in speed): the one with more room left first
     room = (p.vram_bytes, max(p.ram_load_bytes, p.ram_run_bytes))
     if prefer == "speed":

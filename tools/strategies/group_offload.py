@@ -296,8 +296,8 @@ def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "R
     key = copy_mechanism(plan)
     copies_per_step, copies_once = per_step(trace, {n: _groups(plan, weights, n) for n in weights.bytes}, kept)
     fixed = (steps * copies_per_step + copies_once) * rates.copy_seconds.get(key, 0.0)
-    rate = pinned if key.startswith("stream_") and key != "stream_low_cpu_mem" else pageable
-    return moved / (eff.get(key, 1.0) * rate) + fixed
+    pinned_at_setup = group.use_stream and not group.low_cpu_mem_usage
+    return moved / (eff.get(key, 1.0) * (pinned if pinned_at_setup else pageable)) + fixed
 
 
 def _groups(plan: "Plan", weights: "Weights", name: str) -> int:
@@ -309,15 +309,13 @@ def _groups(plan: "Plan", weights: "Weights", name: str) -> int:
 
 
 def copy_mechanism(plan: "Plan") -> str:
-    """The transfer-efficiency key of a group-offloading plan: how its copies are made."""
+    """The transfer-efficiency key of a group-offloading plan: how its copies are made (without streams;
+    pinned on the fly; from copies pinned at setup, by level)."""
     group = plan.group_settings
     if not group.use_stream:
         return "group"
-    return "stream_low_cpu_mem" if group.low_cpu_mem_usage else stream_mechanism(plan)
-
-
-def stream_mechanism(plan: "Plan") -> str:
-    """The transfer-efficiency key of a plan copying from pinned memory on a side stream."""
+    if group.low_cpu_mem_usage:
+        return "stream_low_cpu_mem"
     return "stream_leaf" if plan.offload == "group_leaf" else "stream_block"
 
 
