@@ -173,7 +173,7 @@ async def recommend(
     height: Height = 1024,
     width: Width = 1024,
     frames: Frames | None = None,
-    steps: Steps = 28,
+    steps: Annotated[Steps | None, Field(description="omit for the model card's example's, else 28")] = None,
     batch: Batch = 1,
     guidance_scale: GuidanceScale | None = None,
     gpu: Annotated[str | None, Field(description="plan for this card, e.g. 'RTX 4090' (its memory unless vram)")] = None,

@@ -133,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--height", type=int, default=1024)
     recommend.add_argument("--width", type=int, default=1024)
     recommend.add_argument("--frames", type=int, help="video pipelines: frames per call")
-    recommend.add_argument("--steps", type=int, default=28)
+    recommend.add_argument("--steps", type=int, help="default: the model card's example's, else 28")
     recommend.add_argument("--batch", type=int, default=1, help="images (videos) per call")
     recommend.add_argument("--guidance", type=float, metavar="SCALE", dest="guidance_scale",
                            help="guidance_scale of the call (default: the pipeline's own); 0 or 1 runs no CFG in most pipelines")

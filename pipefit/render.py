@@ -240,6 +240,9 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
         f"{' (container limit)' if hw.ram_is_container_limit else ''}; prefer {result.prefer}; "
         f"margin {format_bytes(result.margin_bytes)} kept free"
     )
+    if result.from_card:
+        taken = ", ".join(f"{name} {value:g}" for name, value in result.from_card.items())
+        console.print(f"{taken}: as the model card's example calls it (pass --steps/--guidance to plan otherwise)")
     for group, title in (("full_precision", "Full precision: offloading and fp8 casting"), ("quantized", "Quantized"),
                          ("cached", "Step-cached: faster, and the image changes")):  # fmt: skip
         options = [o for o in result.options if o.group == group]

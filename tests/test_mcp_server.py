@@ -66,8 +66,9 @@ def test_tools_have_schemas_annotations_and_descriptions_that_say_what_next():
     # what an agent chains on: the models' own fields, required inputs, the next step
     assert {"options", "margin_bytes", "hardware", "workload"} <= set(tools["recommend"].output_schema["properties"])
     assert tools["recommend"].input_schema["required"] == ["model"]
-    bounds = {k: (v.get("minimum"), v.get("maximum")) for k, v in tools["recommend"].input_schema["properties"].items()
-              if k in ("height", "width", "steps", "batch")}  # fmt: skip
+    bounds = {k: next(((s.get("minimum"), s.get("maximum")) for s in [v, *v.get("anyOf", [])] if "minimum" in s), (None, None))
+              for k, v in tools["recommend"].input_schema["properties"].items()
+              if k in ("height", "width", "steps", "batch")}  # fmt: skip  # steps may be omitted (null): the model card's
     assert all(low is not None and high is not None for low, high in bounds.values()), bounds
     assert tools["patch_script"].input_schema["required"] == ["script", "plan"]
     # patch_script replaces a file when told to (overwrite); run_trial runs the user's code

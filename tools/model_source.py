@@ -1,7 +1,7 @@
 """Find a diffusers pipeline's configs from what a user typed: a folder, a built-in example, a hub id.
 
 Whatever MODEL is, it ends as a local folder holding ``model_index.json`` and one subfolder per
-component with its config (weights optional). Hub ids go through huggingface_hub: the local cache
+component with its config (weights optional), and the model card where there is one. Hub ids go through huggingface_hub: the local cache
 first, then, when online, a metadata-only download (JSON files, never weights).
 """
 
@@ -23,6 +23,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _METADATA_PATTERNS = [
     "model_index.json", "*/config.json", "*/scheduler_config.json", "*.safetensors.index.json",
     "*/tokenizer_config.json",  # the dry run pads text as the tokenizer does: its model_max_length
+    "README.md",  # the model card: its example call says how the model is run (tools/model_card.py)
 ]  # fmt: skip
 
 

@@ -26,6 +26,8 @@ from .errors import PipefitError, invalid_input
 from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
+from .model_card import card_call
+from .model_source import resolve_pipeline
 from .plan import FirstBlockSpec, MagSpec, Plan, TaylorSeerSpec, Target, check_plan, parse_plan
 from .strategies import Weights, attention, cache, group_offload, loading
 from .units import format_bytes, parse_size
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .dryrun import Trace
 
 Preference = Literal["speed", "memory", "quality", "balanced"]
+DEFAULT_STEPS = 28  # where neither the user nor the model card says
 CODE_FOR = 5  # options that carry their code; every option's plan goes to patch_script as it is
 SPEED_BASES = 6  # the fastest fitting plans that get the speed variants (step caches, attention backends)
 BIG_ENCODER_BYTES = 2**30  # text encoders above this are worth quantizing
@@ -89,6 +92,11 @@ class Recommendation(BaseModel):
     options: list[Option] = Field(description="every plan evaluated: fitting ones first, best first")
     gpu_profile: str = Field(description="whose context, allocator and compute figures the predictions use")
     guidance: str = Field(description="how the pipeline runs guidance at this workload, as its dry run showed")
+    from_card: dict[str, int | float] = Field(
+        default_factory=dict,
+        description="workload fields not given and taken from the model card's example (README.md): how the "
+        "model is meant to be called where the pipeline class's defaults differ (distilled models: no CFG, few steps)",
+    )
     shortfall: str | None = Field(None, description="when nothing fits: what the machine lacks for the closest plans")
     warnings: list[str] = Field(default_factory=list)
 
@@ -99,7 +107,7 @@ def recommend(
     height: int = 1024,
     width: int = 1024,
     frames: int | None = None,
-    steps: int = 28,
+    steps: int | None = None,
     batch: int = 1,
     guidance_scale: float | None = None,
     vram: str | int | None = None,
@@ -112,8 +120,10 @@ def recommend(
     progress: Callable[[str], None] | None = None,
 ) -> Recommendation:
     """Every strategy for ``model`` at this workload (``height`` x ``width``, video ``frames``, ``steps``,
-    ``batch`` per call, ``guidance_scale`` None for the pipeline's own) on this machine (or ``vram``/``ram``
-    given, e.g. "16GiB"):
+    ``batch`` per call, ``guidance_scale``) on this machine (or ``vram``/``ram`` given, e.g. "16GiB").
+    ``steps`` and ``guidance_scale`` left None are the model card's example's where it shows them
+    (``from_card`` says which), else 28 steps and the pipeline's own guidance.
+    Returns, for each plan:
     predicted peak VRAM (what the driver sees), RAM while loading and while running, and seconds per
     call; whether each fits and why not; ranked by ``prefer``: speed, memory, quality (least precision
     lost), or balanced (time, +10% per precision step lost). Time is per call over ``calls`` calls in one
@@ -136,12 +146,16 @@ def recommend(
     if not isinstance(calls, int) or not 1 <= calls <= 100_000:
         raise PipefitError(f"`calls` must be a whole number from 1 to 100000, not {calls!r}.", "Pass how many calls one process makes.")
     try:
-        workload = Workload(height=height, width=width, frames=frames, steps=steps, batch=batch, guidance_scale=guidance_scale)
+        workload = Workload(height=height, width=width, frames=frames, steps=DEFAULT_STEPS if steps is None else steps, batch=batch,
+                            guidance_scale=guidance_scale)  # fmt: skip
     except ValidationError as exc:
         raise invalid_input(exc) from None
     say = progress or (lambda message: None)
     machine = _machine(vram, ram, gpu)  # first: a mistyped size is an answer in milliseconds
     measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)
+    given_workload = {"steps": steps, "guidance_scale": guidance_scale}
+    from_card = {name: value for name, value in _card(measured.model).items() if given_workload.get(name) is None}
+    workload = workload.model_copy(update=from_card)
     profile = gpu_profile(machine.gpu)
     k = load_coefficients()
     margin = int(k.margin_fraction * machine.vram_bytes)
@@ -166,7 +180,8 @@ def recommend(
     return Recommendation(
         model=measured.model, pipeline_class=measured.pipeline_class, hardware=machine, workload=workload,
         prefer=prefer, margin_bytes=margin, options=options, gpu_profile=_describe(profile),
-        guidance=_guidance(trace, denoiser_of(measured)), shortfall=_shortfall(options, machine, margin, target),
+        guidance=_guidance(trace, denoiser_of(measured), from_card), from_card=from_card,
+        shortfall=_shortfall(options, machine, margin, target),
         warnings=trace.warnings,
     )  # fmt: skip
 
@@ -243,13 +258,24 @@ def _describe(profile: GpuProfile) -> str:
             f"context and allocator as measured there")  # fmt: skip
 
 
-def _guidance(trace: "Trace", denoiser: str) -> str:
+def _card(model: str) -> dict[str, int | float]:
+    """The model card's example call (tools/model_card.py) for a model pipefit can find the folder of."""
+    try:
+        root = resolve_pipeline(model).root
+    except PipefitError:  # an in-memory pipeline, or a folder gone since it was measured: no card to read
+        return {}
+    return card_call(root)
+
+
+def _guidance(trace: "Trace", denoiser: str, from_card: dict[str, int | float]) -> str:
     calls = trace.denoiser_calls(denoiser)
     if not calls:
         return "unknown: the dry run did not reach the denoiser"
     per_step = trace.per_step(denoiser)
     batch = next(iter(calls[0].inputs.values()), [1])[0]
     scale = trace.call_kwargs.get("guidance_scale", "the pipeline's default")
+    if "guidance_scale" in from_card and "guidance_scale" in trace.call_kwargs:
+        scale = f"{scale:g}, as the model card's example calls it"
     if per_step >= 2:
         return f"classifier-free guidance as a second pass ({per_step:g} denoiser calls per step; guidance_scale {scale})"
     if batch >= 2:

@@ -373,12 +373,13 @@ def _creation(info: ScriptInfo, assign: cst.Assign, statement: cst.SimpleStateme
 
 WORKLOAD_KWARGS = {
     "height": "height", "width": "width", "num_frames": "frames", "num_inference_steps": "steps",
-    "num_images_per_prompt": "batch", "num_videos_per_prompt": "batch",
+    "num_images_per_prompt": "batch", "num_videos_per_prompt": "batch", "guidance_scale": "guidance_scale",
 }  # fmt: skip  # the pipeline call's arguments -> recommend's workload
+FLOAT_KWARGS = frozenset({"guidance_scale"})  # the rest are whole numbers
 
 
-def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | None:
-    """A string or integer the script spells out: a literal, a module constant, or ``args.NAME``'s argparse default."""
+def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | float | None:
+    """A string or number the script spells out: a literal, a module constant, or ``args.NAME``'s argparse default."""
     if (constant := _constant(expr)) is not None:
         return constant
     if isinstance(expr, cst.Name):
@@ -388,18 +389,22 @@ def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | None:
     return None
 
 
-def call_workload(info: ScriptInfo) -> dict[str, int]:
-    """The sizes the script's pipeline calls pass (``pipe(prompt, height=768, num_inference_steps=args.steps)``),
-    in recommend's names: height, width, frames, steps, batch."""
+def call_workload(info: ScriptInfo) -> dict[str, int | float]:
+    """The workload the script's pipeline calls pass (``pipe(prompt, height=768, num_inference_steps=args.steps,
+    guidance_scale=0.0)``), in recommend's names: height, width, frames, steps, batch (whole numbers) and
+    guidance_scale."""
     pipes = {c.pipe for c in info.creations}
-    workload: dict[str, int] = {}
+    workload: dict[str, int | float] = {}
     for call in info.calls:
         if info.code(call.func) not in pipes:
             continue
         for arg in call.args:
             name = arg.keyword.value if arg.keyword else None
-            if name in WORKLOAD_KWARGS and isinstance(size := value_of(info, arg.value), int):
-                workload[WORKLOAD_KWARGS[name]] = size
+            value = value_of(info, arg.value) if name in WORKLOAD_KWARGS else None
+            if name in FLOAT_KWARGS and isinstance(value, int | float):
+                workload[WORKLOAD_KWARGS[name]] = float(value)
+            elif isinstance(value, int):
+                workload[WORKLOAD_KWARGS[name]] = value
     return workload
 
 
@@ -432,11 +437,13 @@ def quantized_repo(model_id: str | None) -> bool:
     return bool(model_id and _QUANTIZED_REPO.search(model_id))
 
 
-def _constant(expr: cst.BaseExpression) -> str | int | None:
+def _constant(expr: cst.BaseExpression) -> str | int | float | None:
     if isinstance(expr, cst.SimpleString):
         return str(expr.evaluated_value)
     if isinstance(expr, cst.Integer):
         return int(expr.evaluated_value)
+    if isinstance(expr, cst.Float):
+        return float(expr.evaluated_value)
     return None
 
 

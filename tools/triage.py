@@ -39,8 +39,9 @@ class OomTriage(BaseModel):
     stage: Stage | None = None
     component: str | None = None
     model_id: str | None = None
-    workload: dict[str, int] = Field(
-        default_factory=dict, description="height, width, frames, steps, batch found in the call or the script"
+    workload: dict[str, int | float] = Field(
+        default_factory=dict,
+        description="height, width, frames, steps, batch and guidance_scale found in the call or the script",
     )
     advice: list[str] = Field(default_factory=list)
     recommend_args: dict | None = Field(None, description="Arguments for recommend, when the model is known")
@@ -543,13 +544,17 @@ _MODEL_IN_TEXT = (
     re.compile(r"from_pretrained\(\s*(?:pretrained_model_name_or_path\s*=\s*)?[\"']([^\"']+)[\"']"),
     re.compile(r"models--([\w.-]+)--([\w.-]+)"),
 )
-def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> tuple[str | None, dict[str, int]]:
-    from .script import WORKLOAD_KWARGS  # libcst: imported when a script or frame is read, not at start-up
+def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> tuple[str | None, dict[str, int | float]]:
+    # libcst: imported when a script or frame is read, not at start-up
+    from .script import FLOAT_KWARGS, WORKLOAD_KWARGS
 
     model, workload = (_from_script(script) if script else (None, {}))
     for frame in frames:  # the call's own line in the traceback, when the script is not given
-        for name, size in re.findall(rf"\b({'|'.join(WORKLOAD_KWARGS)})\s*=\s*(\d+)\b", frame.code):
-            workload.setdefault(WORKLOAD_KWARGS[name], int(size))
+        for name, value in re.findall(rf"\b({'|'.join(WORKLOAD_KWARGS)})\s*=\s*(\d+(?:\.\d*)?)(?![\w.])", frame.code):
+            if name in FLOAT_KWARGS:
+                workload.setdefault(WORKLOAD_KWARGS[name], float(value))
+            elif value.isdigit():
+                workload.setdefault(WORKLOAD_KWARGS[name], int(value))
     if model is None:
         for pattern in _MODEL_IN_TEXT:
             if match := pattern.search(text):
@@ -558,7 +563,7 @@ def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> t
     return model, workload
 
 
-def _from_script(source: str) -> tuple[str | None, dict[str, int]]:
+def _from_script(source: str) -> tuple[str | None, dict[str, int | float]]:
     """The pipeline's model id and the call's sizes, as tools/script.py reads the script (constants,
     argparse defaults); from its text where it does not parse or builds no pipeline."""
     from .errors import PipefitError

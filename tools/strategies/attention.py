@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..facts import library_fact
 from ..plan import Rule
 from . import Code
 
@@ -22,9 +23,14 @@ PACKAGE_OF_BACKEND = {"flash": "flash-attn", "_flash_3": "flash-attn-3", "sage":
 
 def backend_names() -> set[str]:
     """Every name diffusers accepts."""
+    return set(_backend_names())
+
+
+@library_fact
+def _backend_names() -> list[str]:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    return {member.value for member in AttentionBackendName}
+    return sorted(member.value for member in AttentionBackendName)
 
 
 def _package_for(backend: str) -> str | None:

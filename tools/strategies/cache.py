@@ -19,14 +19,18 @@
 
 Each guidance pass (``cache_context("cond")`` / ``"uncond"``) keeps its own state; the state is reset
 when the pipeline call ends (``maybe_free_model_hooks``), after the VAE decode.
+
+What this reads from diffusers (patterns, ratios, registered blocks, which classes support caching)
+is kept per diffusers version (tools/facts.py): recommend asks for every plan without importing it.
 """
 
 from __future__ import annotations
 
 import re
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from ..facts import library_fact
 from ..plan import Rule
 from . import Code
 
@@ -54,18 +58,20 @@ def computed_steps(spec: "CacheSpec", steps: int, denoiser_class: str | None = N
     return None
 
 
-@lru_cache(maxsize=16)
 def _mag_ratios(denoiser_class: str | None, steps: int) -> tuple[float, ...] | None:
     """The shipped ratios stretched to ``steps`` as MagCacheConfig does (nearest_interp)."""
     name = MAG_RATIOS.get(denoiser_class or "")
-    if name is None:
-        return None
+    return tuple(_shipped_mag_ratios(name, steps)) if name is not None else None
+
+
+@library_fact
+def _shipped_mag_ratios(name: str, steps: int) -> list[float]:
     from diffusers.hooks import mag_cache
 
     ratios = getattr(mag_cache, name)
     if len(ratios) != steps:
         ratios = mag_cache.nearest_interp(ratios, steps)
-    return tuple(float(r) for r in ratios)
+    return [float(r) for r in ratios]
 
 
 def _mag_schedule(spec: "MagSpec", ratios: tuple[float, ...], steps: int) -> list[bool]:
@@ -90,11 +96,17 @@ def _mag_schedule(spec: "MagSpec", ratios: tuple[float, ...], steps: int) -> lis
 
 def _patterns(spec: "TaylorSeerSpec") -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(extrapolated, skipped) module name patterns, as apply_taylorseer_cache resolves them."""
+    active, inactive = _taylorseer_patterns(spec.lite)
+    return tuple(active), tuple(inactive)
+
+
+@library_fact
+def _taylorseer_patterns(lite: bool) -> tuple[list[str], list[str]]:
     from diffusers.hooks import taylorseer_cache as ts
 
-    if spec.lite:
-        return tuple(ts._PROJ_OUT_IDENTIFIERS), tuple(ts._BLOCK_IDENTIFIERS)
-    return tuple(ts._TRANSFORMER_BLOCK_IDENTIFIERS), ()
+    if lite:
+        return list(ts._PROJ_OUT_IDENTIFIERS), list(ts._BLOCK_IDENTIFIERS)
+    return list(ts._TRANSFORMER_BLOCK_IDENTIFIERS), []
 
 
 def hooked(spec: "TaylorSeerSpec", costs: dict[str, "ModuleCost"]) -> tuple[list[str], list[str]]:
@@ -117,10 +129,15 @@ def _hooked(active: tuple[str, ...], inactive: tuple[str, ...], names: tuple[str
 
 def _blocks(costs: dict[str, "ModuleCost"]) -> list[str]:
     """The blocks of the denoiser's block lists, as MagCache finds them (apply_mag_cache)."""
+    lists = "|".join(map(re.escape, _block_list_names()))
+    return [n for n in costs if re.fullmatch(rf"({lists})\.\d+", n)]
+
+
+@library_fact
+def _block_list_names() -> list[str]:
     from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
 
-    lists = "|".join(map(re.escape, _ALL_TRANSFORMER_BLOCK_IDENTIFIERS))
-    return [n for n in costs if re.fullmatch(rf"({lists})\.\d+", n)]
+    return list(_ALL_TRANSFORMER_BLOCK_IDENTIFIERS)
 
 
 def saved_per_cached_call(plan: "Plan", trace: "Trace", denoiser: str) -> tuple[float, float]:
@@ -185,20 +202,25 @@ def how_the_image_changes(plan: "Plan", trace: "Trace", denoiser: str, steps: in
 # ---- compatibility rules ------------------------------------------------------------------------
 
 
-def _denoiser_class(target: "Target"):
-    import diffusers
+def _denoiser_class(target: "Target") -> str:
+    return (target.component_classes or {}).get(target.denoiser or "transformer", "")
 
-    name = (target.component_classes or {}).get(target.denoiser or "transformer", "")
-    return getattr(diffusers, name, None)
+
+@library_fact
+def _has_cache_mixin(class_name: str) -> bool | None:
+    """Whether diffusers' class ``class_name`` is built on CacheMixin; None: diffusers has no such class."""
+    import diffusers
+    from diffusers.models.cache_utils import CacheMixin
+
+    cls = getattr(diffusers, class_name, None) if class_name else None
+    return issubclass(cls, CacheMixin) if isinstance(cls, type) else None
 
 
 def _lacks_cache_mixin(plan: "Plan", target: "Target") -> str | None:
     if plan.cache is None or not target.component_classes:
         return None
-    from diffusers.models.cache_utils import CacheMixin
-
-    cls = _denoiser_class(target)
-    return cls.__name__ if cls is not None and not issubclass(cls, CacheMixin) else None
+    name = _denoiser_class(target)
+    return name if _has_cache_mixin(name) is False else None
 
 
 def _no_cache_context(plan: "Plan", target: "Target") -> str | None:
@@ -207,7 +229,7 @@ def _no_cache_context(plan: "Plan", target: "Target") -> str | None:
     return target.pipeline_class if _enters_cache_context(target.pipeline_class) is False else None
 
 
-@cache
+@library_fact
 def _enters_cache_context(pipeline_class: str) -> bool | None:
     """Whether the pipeline's ``__call__`` wraps its denoiser calls in ``cache_context``; None: unknown."""
     import inspect
@@ -224,13 +246,19 @@ def _enters_cache_context(pipeline_class: str) -> bool | None:
 def _unregistered_blocks(plan: "Plan", target: "Target") -> str | None:
     if plan.cache is None or plan.cache.method not in ("first_block", "mag") or not target.repeated_blocks:
         return None
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    TransformerBlockRegistry._register()
-    known = {cls.__name__ for cls in TransformerBlockRegistry._registry}
+    known = set(_registered_blocks())
     blocks = target.repeated_blocks.get(target.denoiser or "transformer") or []
     missing = [b for b in blocks if b not in known]
     return ", ".join(missing) or None
+
+
+@library_fact
+def _registered_blocks() -> list[str]:
+    """The block classes diffusers' TransformerBlockRegistry knows (First Block Cache and MagCache need them)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()
+    return sorted(cls.__name__ for cls in TransformerBlockRegistry._registry)
 
 
 def _no_mag_ratios(plan: "Plan", target: "Target") -> str | None:
@@ -241,11 +269,12 @@ def _no_mag_ratios(plan: "Plan", target: "Target") -> str | None:
 
 
 def _nothing_hooked(plan: "Plan", target: "Target") -> str | None:
-    cls = _denoiser_class(target) if plan.cache is not None and target.component_classes else None
-    if cls is None or plan.cache.method != "taylorseer" or plan.cache.lite or not target.module_names:
+    name = _denoiser_class(target) if plan.cache is not None and target.component_classes else ""
+    if not name or _has_cache_mixin(name) is None or plan.cache.method != "taylorseer" or plan.cache.lite \
+            or not target.module_names:  # fmt: skip
         return None
     active, inactive = hooked(plan.cache, dict.fromkeys(target.module_names, None))
-    return cls.__name__ if not active and not inactive else None
+    return name if not active and not inactive else None
 
 
 RULES = (
