@@ -192,7 +192,8 @@ async def recommend(
     matters (speed, memory, quality). Without vram/ram it plans for this machine's free memory.
     Each option's plan is the JSON patch_script and run_trial take; predictions are derived from a dry
     run of the pipeline's own code, and basis says whether this family and kind of plan also ran on a
-    GPU. guidance says how the pipeline runs CFG at this workload. margin_bytes is kept free.
+    GPU. guidance says how the pipeline runs CFG at this workload; from_card, which of steps and
+    guidance_scale (left out) came from the model card's example. margin_bytes is kept free.
 
     Next: patch_script with the chosen option's plan.
     """
