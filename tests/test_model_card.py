@@ -105,3 +105,13 @@ def test_the_table_says_where_the_defaults_came_from():
     recommendation(r, console)
     text = console.export_text()
     assert "4 steps" in text and "steps 4: as the model card's example calls it" in text
+
+
+def test_a_card_value_out_of_range_is_passed_over(tmp_path):
+    folder = tmp_path / "z-image-turbo"
+    shutil.copytree(EXAMPLES_DIR / "z-image-turbo", folder)
+    (folder / "README.md").write_text(
+        "```python\npipe = ZImagePipeline.from_pretrained('m')\npipe('x', num_inference_steps=0, guidance_scale=0.0)\n```\n"
+    )
+    r = recommend(str(folder), height=256, width=256, vram="24GiB", ram="64GiB", plan="{}")
+    assert r.from_card == {} and r.workload.steps == 28

@@ -155,7 +155,10 @@ def recommend(
     measured = model if isinstance(model, PipelineMeasurement) else measure_components(model, dtype, progress=say)
     given_workload = {"steps": steps, "guidance_scale": guidance_scale}
     from_card = {name: value for name, value in _card(measured.model).items() if given_workload.get(name) is None}
-    workload = workload.model_copy(update=from_card)
+    try:  # validated as the user's own values are; a card's odd value is passed over, not obeyed
+        workload = Workload.model_validate({**workload.model_dump(), **from_card})
+    except ValidationError:
+        from_card = {}
     profile = gpu_profile(machine.gpu)
     k = load_coefficients()
     margin = int(k.margin_fraction * machine.vram_bytes)
