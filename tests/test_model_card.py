@@ -5,7 +5,6 @@ import shutil
 import textwrap
 
 import pytest
-
 from pipefit.tools.model_card import card_call
 from pipefit.tools.model_source import EXAMPLES_DIR
 from pipefit.tools.recommend import recommend
@@ -78,7 +77,7 @@ def test_a_distilled_model_is_planned_as_its_card_runs_it(tmp_path):
     user passes wins over the card."""
     folder = tmp_path / "z-image-turbo"
     shutil.copytree(EXAMPLES_DIR / "z-image-turbo", folder)
-    small = dict(height=256, width=256, vram="24GiB", ram="64GiB", plan="{}")
+    small = {"height": 256, "width": 256, "vram": "24GiB", "ram": "64GiB", "plan": "{}"}
 
     carded = recommend(str(folder), **small)
     assert carded.from_card == {"guidance_scale": 0.0, "steps": 9}
