@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--steps", type=int, help="default: the model card's example's, else 28")
     recommend.add_argument("--batch", type=int, default=1, help="images (videos) per call")
     recommend.add_argument("--guidance", type=float, metavar="SCALE", dest="guidance_scale",
-                           help="guidance_scale of the call (default: the pipeline's own); 0 or 1 runs no CFG in most pipelines")
+                           help="guidance_scale of the call (default: the model card's example's, else the pipeline's own); "
+                                "0 or 1 runs no CFG in most pipelines")
     recommend.add_argument("--gpu", metavar="NAME", help="plan for this card, e.g. 'RTX 4090' (its memory unless --vram)")
     recommend.add_argument("--vram", metavar="SIZE", help="plan for this much GPU memory, e.g. 16GiB")
     recommend.add_argument("--ram", metavar="SIZE", help="plan for this much host RAM, e.g. 64GiB")

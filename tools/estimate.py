@@ -89,7 +89,9 @@ Frames = Annotated[int, Field(ge=1, le=4096, description="video pipelines only: 
 Steps = Annotated[int, Field(ge=1, le=1000)]
 Batch = Annotated[int, Field(ge=1, le=64, description="images or videos per call")]
 GuidanceScale = Annotated[
-    float, Field(ge=0, le=100, allow_inf_nan=False, description="the call's guidance_scale; omit for the model card's example's, else the pipeline's default")
+    float,
+    Field(ge=0, le=100, allow_inf_nan=False,
+          description="the call's guidance_scale; omit for the model card's example's, else the pipeline's default"),
 ]
 
 

@@ -1,8 +1,9 @@
 """Find a diffusers pipeline's configs from what a user typed: a folder, a built-in example, a hub id.
 
 Whatever MODEL is, it ends as a local folder holding ``model_index.json`` and one subfolder per
-component with its config (weights optional), and the model card where there is one. Hub ids go through huggingface_hub: the local cache
-first, then, when online, a metadata-only download (JSON files, never weights).
+component with its config (weights optional), and the model card where there is one. Hub ids go
+through huggingface_hub: the local cache first, then, when online, a metadata-only download (JSON
+files and the card, never weights).
 """
 
 from __future__ import annotations

@@ -146,8 +146,8 @@ def recommend(
     if not isinstance(calls, int) or not 1 <= calls <= 100_000:
         raise PipefitError(f"`calls` must be a whole number from 1 to 100000, not {calls!r}.", "Pass how many calls one process makes.")
     try:
-        workload = Workload(height=height, width=width, frames=frames, steps=DEFAULT_STEPS if steps is None else steps, batch=batch,
-                            guidance_scale=guidance_scale)  # fmt: skip
+        workload = Workload(height=height, width=width, frames=frames, batch=batch, guidance_scale=guidance_scale,
+                            steps=DEFAULT_STEPS if steps is None else steps)  # fmt: skip
     except ValidationError as exc:
         raise invalid_input(exc) from None
     say = progress or (lambda message: None)

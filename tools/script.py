@@ -378,6 +378,14 @@ WORKLOAD_KWARGS = {
 FLOAT_KWARGS = frozenset({"guidance_scale"})  # the rest are whole numbers
 
 
+def workload_value(kwarg: str, value: object) -> int | float | None:
+    """A pipeline call argument's value as recommend takes it: a number for guidance_scale, a whole
+    number for the sizes, None for anything else (a string, a float size, an expression not followed)."""
+    if kwarg in FLOAT_KWARGS and isinstance(value, int | float):
+        return float(value)
+    return value if isinstance(value, int) else None
+
+
 def value_of(info: ScriptInfo, expr: cst.BaseExpression) -> str | int | float | None:
     """A string or number the script spells out: a literal, a module constant, or ``args.NAME``'s argparse default."""
     if (constant := _constant(expr)) is not None:
@@ -400,10 +408,7 @@ def call_workload(info: ScriptInfo) -> dict[str, int | float]:
             continue
         for arg in call.args:
             name = arg.keyword.value if arg.keyword else None
-            value = value_of(info, arg.value) if name in WORKLOAD_KWARGS else None
-            if name in FLOAT_KWARGS and isinstance(value, int | float):
-                workload[WORKLOAD_KWARGS[name]] = float(value)
-            elif isinstance(value, int):
+            if name in WORKLOAD_KWARGS and (value := workload_value(name, value_of(info, arg.value))) is not None:
                 workload[WORKLOAD_KWARGS[name]] = value
     return workload
 

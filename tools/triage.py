@@ -546,15 +546,13 @@ _MODEL_IN_TEXT = (
 )
 def _model_and_workload(text: str, script: str | None, frames: list[Frame]) -> tuple[str | None, dict[str, int | float]]:
     # libcst: imported when a script or frame is read, not at start-up
-    from .script import FLOAT_KWARGS, WORKLOAD_KWARGS
+    from .script import WORKLOAD_KWARGS, workload_value
 
     model, workload = (_from_script(script) if script else (None, {}))
     for frame in frames:  # the call's own line in the traceback, when the script is not given
         for name, value in re.findall(rf"\b({'|'.join(WORKLOAD_KWARGS)})\s*=\s*(\d+(?:\.\d*)?)(?![\w.])", frame.code):
-            if name in FLOAT_KWARGS:
-                workload.setdefault(WORKLOAD_KWARGS[name], float(value))
-            elif value.isdigit():
-                workload.setdefault(WORKLOAD_KWARGS[name], int(value))
+            if (number := workload_value(name, int(value) if value.isdigit() else float(value))) is not None:
+                workload.setdefault(WORKLOAD_KWARGS[name], number)
     if model is None:
         for pattern in _MODEL_IN_TEXT:
             if match := pattern.search(text):
