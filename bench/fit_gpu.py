@@ -6,7 +6,7 @@ The constants are the hardware's, never a family's (shared/design.md): the CUDA 
 driver's peak minus PyTorch's reserved), cuDNN's workspace beside a convolution (the allocated peak
 above what the dry run saw live at the peak call's convolutions, per byte of their input + output,
 2-D and 3-D), the allocator's fragmentation (reserved minus allocated per byte of the working memory
-really allocated, for each allocator), and the
+really allocated, for each allocator; layerwise casting's kept upcast copies per byte cast), and the
 matmul, convolution and attention rates (non-negative least squares on the plain plans' seconds per
 call against the FLOPs the dry run counted, relative errors). Everything else in each prediction comes from the pipeline's dry run and measured
 sizes. ``--write`` stores the profile in tools/gpus.json. The table: every run, predicted and
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from pipefit.tools.estimate import Workload, call_seconds, conv_kind, denoiser_of, estimate, trace_for  # noqa: E402
 from pipefit.tools.gpus import PROFILES, gpu_profile  # noqa: E402
 from pipefit.tools.measure import measure_components  # noqa: E402
-from pipefit.tools.strategies import group_offload  # noqa: E402
 from pipefit.tools.plan import parse_plan  # noqa: E402
+from pipefit.tools.strategies import group_offload, layerwise_casting  # noqa: E402
 
 GiB = 2**30
 
@@ -105,16 +105,32 @@ def fit(runs: list[dict]) -> dict:
             if needs:
                 need, kind = min(needs)
                 workspace[kind] = max(workspace.get(kind, 0.0), need)
-        # the allocator's fragmentation, per byte of the working memory really allocated (a few MiB say nothing)
-        if working >= GiB:
+        # the allocator's fragmentation, per byte of the working memory really allocated (a few MiB say
+        # nothing); casting's freed upcast copies are a term of their own, fitted below
+        if working >= GiB and not plan_of(r).layerwise_casting:
             kept = (r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"]) / working
             for key in (e.allocator, f"{e.allocator}:{conv_kind(calls, index)}"):
                 fragmentation[key] = max(fragmentation.get(key, 0.0), kept)
+    # layerwise casting: what the runs kept reserved beyond the fragmentation, per byte of the cast components
+    cast_kept = 0.0
+    for r in runs:
+        plan = plan_of(r)
+        if plan.layerwise_casting and not plan.grouped:
+            m = _measured(r)
+            e = estimate(plan, m, workload_of(r), gpu=bare)
+            calls = trace_for(m, workload_of(r)).calls
+            working = r["peak_torch_allocated_bytes"] - e.peak_resident_bytes
+            frag = (fragmentation.get(f"{e.allocator}:{conv_kind(calls, e.peak_call)}", fragmentation.get(e.allocator, 0.0))
+                    if e.peak_call is not None else 0.0)  # fmt: skip
+            excess = r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"] - frag * max(working, 0)
+            cast = layerwise_casting.kept_bytes(plan, m, 1.0)
+            cast_kept = max(cast_kept, excess / cast) if cast else cast_kept
     # the default allocator under group offloading: freed group buffers it keeps, per byte offloaded, as the
     # largest excess any such run showed over the same plan predicted without them
     cached = 0.0
     uncached = gpu_profile(None).model_copy(update={"context_bytes": float(context), "conv_workspace_per_byte": workspace,
-                                                    "fragmentation": fragmentation, "cached_per_offloaded_byte": 0.0})  # fmt: skip
+                                                    "fragmentation": fragmentation, "cached_per_offloaded_byte": 0.0,
+                                                    "cast_kept_per_byte": cast_kept})  # fmt: skip
     for r in runs:
         plan = plan_of(r)
         if plan.allocator == "default" and plan.grouped:
@@ -148,7 +164,7 @@ def fit(runs: list[dict]) -> dict:
     conv_s = rest_seconds / rest_conv if rest_conv else mm_s
     return {
         "context_bytes": float(context), "conv_workspace_per_byte": workspace, "fragmentation": fragmentation,
-        "cached_per_offloaded_byte": round(cached, 4),
+        "cached_per_offloaded_byte": round(cached, 4), "cast_kept_per_byte": round(cast_kept, 4),
         "matmul_flops_per_s": 1 / mm_s, "conv_flops_per_s": 1 / conv_s, "attention_flops_per_s": 1 / attn_s,
         "call_overhead_seconds": min(overhead, 0.05),
     }  # fmt: skip
@@ -159,21 +175,27 @@ RAM_KEYS = ("model", "model_quantized", "sequential", "group", "group_low_cpu_me
 
 def host_terms(runs: list[dict], k) -> dict:
     """The host's RAM terms from its runs: the process's RSS before any weight (loading: the offloaded
-    plans' loading peak, which reads no weight; running: the plain plans'), then each per-byte term as
-    the median over the runs that use it of (measured - predicted without it) / (its bytes)."""
+    plans' loading peak, which reads no weight; running: the plain plans', by least squares as a constant
+    plus a share of the decoded output), then each per-byte term as the median over the runs that use it
+    of (measured - predicted without it) / (its bytes)."""
     from statistics import median
 
+    import numpy as np
     from pipefit.tools.estimate import host_ram
     from pipefit.tools.strategies import Weights
 
     def ram(r, base, per_byte):
-        coefficients = k.model_copy(update={"ram_base_bytes": base, "ram_copy_per_byte": per_byte})
-        return host_ram(plan_of(r), Weights.of(plan_of(r), _measured(r)), coefficients)
+        coefficients = k.model_copy(update={"ram_base_bytes": base, "ram_copy_per_byte": per_byte,
+                                            "ram_per_output_byte": per_output})  # fmt: skip
+        return host_ram(plan_of(r), Weights.of(plan_of(r), _measured(r)), coefficients, workload_of(r).output_bytes())
 
     quiet = [r["peak_rss_load_bytes"] for r in runs if r["plan"].get("offload") not in (None, "none")
              and not r["plan"].get("quantize") and not r["plan"].get("group", {}).get("use_stream")]  # fmt: skip
-    plain = [r["peak_rss_run_bytes"] for r in runs if not r["plan"]]
-    base = {"load": median(quiet), "run": median(plain)}
+    plain = [r for r in runs if not r["plan"]]
+    outputs = np.array([[1.0, workload_of(r).output_bytes()] for r in plain])
+    (run_base, per_output), *_ = np.linalg.lstsq(outputs, np.array([r["peak_rss_run_bytes"] for r in plain]), rcond=None)
+    per_output = round(max(float(per_output), 0.0), 3)
+    base = {"load": median(quiet), "run": float(run_base)}
     per_byte = dict.fromkeys(RAM_KEYS, 0.0)
     for key in RAM_KEYS:
         ratios = []
@@ -184,7 +206,7 @@ def host_terms(runs: list[dict], k) -> dict:
                 if measured and with_one - without > 2**28:  # the term moves this prediction by a quarter GiB
                     ratios.append((measured - without) / (with_one - without))
         per_byte[key] = round(median(ratios), 4) if ratios else k.ram_copy_per_byte.get(key, 1.0)
-    return {"ram_base_bytes": base, "ram_copy_per_byte": per_byte}
+    return {"ram_base_bytes": base, "ram_copy_per_byte": per_byte, "ram_per_output_byte": per_output}
 
 
 def transfer_terms(runs: list[dict], k) -> dict:
@@ -322,7 +344,7 @@ def main() -> None:
         data = json.loads(PROFILES.read_text())
         data["profiles"][profile.name] = profile.model_dump()
         PROFILES.write_text(json.dumps(data, indent=1) + "\n")
-    print("host RAM terms:", {"base GiB": {p: round(v / GiB, 3) for p, v in k.ram_base_bytes.items()}, **k.ram_copy_per_byte})
+    print("host RAM terms:", {"base GiB": {p: round(v / GiB, 3) for p, v in k.ram_base_bytes.items()}, **k.ram_copy_per_byte, "per output byte": k.ram_per_output_byte})
     print("transfer efficiency:", k.transfer_efficiency, "seconds per group copied:", k.copy_seconds)
     held_out = rows(args.held_out)
     if held_out:
@@ -362,7 +384,7 @@ def main() -> None:
 
         calibration = json.loads(CALIBRATION.read_text())
         calibration.update(ram_base_bytes=k.ram_base_bytes, ram_copy_per_byte=k.ram_copy_per_byte,
-                           transfer_efficiency=k.transfer_efficiency, copy_seconds=k.copy_seconds, **speed)
+                           ram_per_output_byte=k.ram_per_output_byte, transfer_efficiency=k.transfer_efficiency, copy_seconds=k.copy_seconds, **speed)
         measured: dict[str, set[str]] = {}
         for r in runs:
             measured.setdefault(r["model"], set()).add(signature(plan_of(r)))

@@ -50,7 +50,7 @@ def test_each_path_holds_the_quantized_components_where_it_says(flux):
     assert by_load["device"].ram_run_bytes == by_load["staged"].ram_run_bytes
 
 
-def test_a_pinned_copy_costs_more_than_the_weights_and_disk_offload_almost_nothing(flux):
+def test_a_pinned_copy_costs_more_than_the_weights_and_disk_offload_almost_nothing_while_running(flux):
     k = load_coefficients()
     plans = {
         "pinned": {"offload": "group_leaf", "group": {"use_stream": True, "exclude": ["vae"]}},
@@ -62,6 +62,9 @@ def test_a_pinned_copy_costs_more_than_the_weights_and_disk_offload_almost_nothi
     assert transformer.pinned_bytes > transformer.bytes  # each tensor's block rounded up to a power of two
     assert ram["pinned"][1] > flux.total_bytes > ram["disk"][1] and ram["disk"][1] < 4 * GiB
     assert ram["pinned"][0] > ram["pinned"][1]  # the pinned copies are made beside the weights they copy
+    # writing the group files reads each component through RAM, mapped whole until its files are written
+    # (measured on the H200 host: Flux.1-dev's RSS reached 23.2 GiB with the 22.2 GiB transformer)
+    assert transformer.bytes < ram["disk"][0] < transformer.bytes + 2 * GiB
 
 
 FIXED = {("flux1-dev", "pick_leaf_stream_small"), ("wan2.1-t2v-1.3b", "fp8_tiling"), ("sdxl-base", "fp8")}
@@ -81,7 +84,7 @@ def test_host_ram_matches_the_gpu_runs(flux):
         load, run = host_ram(plan, Weights.of(plan, m), k)
         pairs = [(load, r["peak_rss_load_bytes"]), (run, r["peak_rss_run_bytes"])]
         errors += [(p - q) / q for p, q in pairs]
-        if (r["build"], r["plan_name"]) in FIXED and r["vram_cap_bytes"]:
+        if (r["build"], r["plan_name"]) in FIXED:
             fixed.append(((load - pairs[0][1]) / pairs[0][1], r["build"], r["plan_name"]))
     assert len(errors) >= 100 and sum(abs(e) <= 0.15 for e in errors) >= 0.85 * len(errors)
     assert len(fixed) == 3 and all(abs(e) <= 0.20 for e, *_ in fixed), fixed
@@ -111,7 +114,52 @@ def test_the_patched_loading_runs_on_a_tiny_pipeline(tiny_dirs, tmp_path, plan):
     run = subprocess.run([sys.executable, patched.output_path], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    release = "malloc_trim(0)" in patched.source
     if "quantize" in plan:
         assert "AutoModel.from_pretrained" in patched.source and "ran Int8Tensor" in run.stdout
+        # the parked components' host memory is handed back once the placement moved them
+        assert release and patched.source.index('pipe.to("cpu")') < patched.source.index("malloc_trim(0)")
     else:
         assert len(list((tmp_path / "pipefit-offload").glob("*.safetensors"))) > 10
+        assert not release  # nothing was converted or parked in host RAM
+
+
+_FREED = """\
+import ctypes, platform
+import psutil, torch
+rss = lambda: psutil.Process().memory_info().rss
+torch.empty(30 * 2**20, dtype=torch.uint8).fill_(1)  # freeing a large block raises glibc's mmap threshold
+parked, small = [], []
+for _ in range(48):  # 16 MiB weights, under the threshold (served from the heap), each with a small tensor
+    parked.append(torch.ones(4 * 2**20))
+    small.append(torch.ones(1024))
+before = rss()
+del parked
+given_back = before - rss()
+{release}
+print(given_back, before - rss())
+"""
+
+
+@pytest.mark.skipif(not loading.releases_here(), reason="glibc's allocator and malloc_trim")
+def test_the_release_hands_back_what_the_host_allocator_kept():
+    """The mechanism behind 0.4-2.6 GiB of RSS left over once converted or parked weights moved to the
+    GPU (H200 rows): glibc keeps freed blocks under its mmap threshold; the statement the patch writes
+    after the placement returns them. Real torch tensors, real glibc, a fresh process."""
+    freed = 48 * 16 * 2**20
+    run = subprocess.run([sys.executable, "-c", _FREED.format(release=loading.RELEASE)],
+                         capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    kept_free, released = map(int, run.stdout.split())
+    code = compile(loading.RELEASE, "<release>", "exec")  # noqa: F841 (the text patch writes is valid Python)
+    assert kept_free < 0.2 * freed  # freeing alone gave almost nothing back
+    assert released > 0.8 * freed
+
+
+def test_nothing_converted_stays_in_host_ram_once_the_pipeline_is_on_the_gpu(flux):
+    """Casting to fp8 in host RAM, then moving everything to the GPU: with the release, RSS while running
+    is the plain pipeline's (H200: SDXL fp8 1.86 GiB, plain 1.82; 3.55 before the release)."""
+    k = load_coefficients()
+    cast = Plan.model_validate({"layerwise_casting": {"components": ["transformer"]}})
+    plain = Plan()
+    ram = {name: host_ram(p, Weights.of(p, flux), k)[1] for name, p in (("cast", cast), ("plain", plain))}
+    assert ram["cast"] == ram["plain"]

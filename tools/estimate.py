@@ -15,7 +15,8 @@ the allocator keeps beyond it. Each term is derived, none is fitted per family:
 
 The fragmentation is a fraction of the peak call's working memory, smaller with expandable
 segments (the plans' default) than with the default caching allocator, which under group
-offloading also keeps freed group buffers. Seconds come from the FLOPs the dry run counted at the
+offloading also keeps freed group buffers (and under layerwise casting, its freed upcast copies:
+strategies.layerwise_casting). Seconds come from the FLOPs the dry run counted at the
 GPU's rates, plus the transfers the placement makes at the host's measured bandwidth. Host RAM is
 the process's own plus what the loading path reads and converts and what the placement holds, per
 byte of the weights concerned (strategies.loading, offload, group_offload), at the host's terms.
@@ -33,7 +34,17 @@ from pydantic import BaseModel, Field
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement
 from .plan import Plan
-from .strategies import Rates, Weights, host_bytes, loading, resident, setup_host_bytes, transfer_seconds, torch_compile
+from .strategies import (
+    Rates,
+    Weights,
+    host_bytes,
+    layerwise_casting,
+    loading,
+    resident,
+    setup_host_bytes,
+    torch_compile,
+    transfer_seconds,
+)
 from .strategies import cache as step_cache
 
 if TYPE_CHECKING:
@@ -54,6 +65,11 @@ class Coefficients(BaseModel):
         "quantized components), sequential, group, "
         "group_low_cpu_mem (ordinary memory the host allocator keeps), pinned (per pinned byte), host_quantize "
         "(converting on the CPU while loading), host_leftover (what that conversion leaves)"
+    )
+    ram_per_output_byte: float = Field(
+        0.0,
+        description="RSS while running per byte of the decoded output at float32 (the pipeline's postprocessing "
+        "holds it on the host: frames x height x width x 3 x 4 bytes)",
     )
     step_factor: dict[str, float] = Field(description="step time relative to bf16, by quantization backend or 'fp8_cast'")
     transfer_efficiency: dict[str, float] = Field(description="rate reached / measured pageable rate, by mechanism")
@@ -106,6 +122,11 @@ class Workload(BaseModel):
     guidance_scale: GuidanceScale | None = Field(
         None, description="None: the pipeline's own default; the pipeline decides from it whether CFG runs"
     )
+
+
+    def output_bytes(self) -> int:
+        """The decoded output at float32, as the pipeline's postprocessing holds it on the host."""
+        return 4 * 3 * self.height * self.width * (self.frames or 1) * self.batch
 
 
 class StagePeak(BaseModel):
@@ -182,9 +203,10 @@ def estimate(
     extra = profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, peak_call)) * peak_working
     if plan.allocator == "default" and plan.grouped:
         extra += profile.cached_per_offloaded_byte * weights.total
+    extra += layerwise_casting.kept_bytes(plan, m, profile.cast_kept_per_byte)
     vram = int(profile.context_bytes + allocated + extra)
 
-    ram_load, ram_run = host_ram(plan, weights, k)
+    ram_load, ram_run = host_ram(plan, weights, k, w.output_bytes())
 
     # ---- seconds per call: FLOPs over the GPU's rates, per call, plus the placement's transfers
     steps_seen = max(trace.steps_run, 1)
@@ -309,16 +331,18 @@ def _step_factor(plan: Plan, component: str, k: Coefficients) -> float:
     return factor
 
 
-def host_ram(plan: Plan, weights: Weights, k: Coefficients) -> tuple[float, float]:
+def host_ram(plan: Plan, weights: Weights, k: Coefficients, output_bytes: float = 0.0) -> tuple[float, float]:
     """RSS while loading (up to the first call) and while running: the process's own, plus what the
-    loading path reads and converts (strategies.loading) and what the placement holds (its module)."""
+    loading path reads and converts (strategies.loading) and what the placement holds (its module);
+    while running also the decoded output (``output_bytes``: Workload.output_bytes)."""
     per_byte = k.ram_copy_per_byte
     on_device = loading.on_device_after_load(plan, weights)
     setup = setup_host_bytes(plan, weights, per_byte, on_device)
     running = host_bytes(plan, weights, per_byte) + loading.host_leftover_bytes(plan, weights, per_byte)
     ram_load = k.ram_base_bytes["load"] + loading.host_bytes_at_load(plan, weights, setup, per_byte)
     compiler = k.compile_ram_bytes if plan.compile != "none" else 0.0  # compiling happens in the first call
-    return ram_load, k.ram_base_bytes["run"] + running + compiler
+    output = k.ram_per_output_byte * output_bytes
+    return ram_load, k.ram_base_bytes["run"] + running + compiler + output
 
 
 def signature(plan: Plan) -> str:

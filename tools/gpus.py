@@ -37,6 +37,11 @@ class GpuProfile(BaseModel):
         description="default allocator under group offloading: freed group buffers it keeps, per byte offloaded "
         "(bench/fit_gpu.py: the largest excess over the plan predicted without them)",
     )
+    cast_kept_per_byte: float = Field(
+        0.0,
+        description="layerwise casting: freed upcast copies the allocator keeps mapped, per byte of the cast "
+        "components at full precision (bench/fit_gpu.py: the largest excess over the fragmentation)",
+    )
     conv_workspace_per_byte: dict[str, float] = Field(
         default_factory=dict,
         description="cuDNN's workspace beside a convolution, per byte of its input + output, by kind ('2d', '3d')",

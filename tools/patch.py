@@ -173,7 +173,8 @@ def _prepare(
     info: ScriptInfo, creation: Creation, plan: Plan, filename: str, warnings: list[str],
     taken: dict[int, tuple[str, cst.BaseStatement]],
 ) -> _Work:  # fmt: skip
-    plan = _leave_prequantized(info, creation, plan, warnings)
+    # the release follows the loading the plan asks for, which the script may already do (patched before)
+    release_plan, plan = plan, _leave_prequantized(info, creation, plan, warnings)
     site = _site(info, creation, plan, warnings)
     known = {n: c for n, c in creation.components.items() if c.library in ("diffusers", "transformers")}
     target = Target(
@@ -207,8 +208,8 @@ def _prepare(
         cast = [c for c in plan.layerwise_casting.components if c not in shared]
         if cast:
             codes.append(layerwise_casting.apply(plan.layerwise_casting, cast, site))
-    codes += [vae.apply(plan, site), attention.apply(plan, site), _placement(plan, site), cache.apply(plan, site),
-              torch_compile.apply(plan, site)]  # fmt: skip
+    codes += [vae.apply(plan, site), attention.apply(plan, site), _placement(plan, site), loading.release(release_plan, site),
+              cache.apply(plan, site), torch_compile.apply(plan, site)]  # fmt: skip
     work = _Work(
         creation, site, [(s, c.edit) for c in codes for s in c.statements], [i for c in codes for i in c.imports],
         quant_expr=None, quant_var=_quant_var(info, creation), quant_statement=None,

@@ -495,6 +495,9 @@ def _receiver_and_method(call: cst.Call, info: ScriptInfo) -> tuple[str, str] | 
 
 def _managed_by(info: ScriptInfo, statement: cst.BaseStatement, pipes: set[str]) -> str | None:
     """The pipe whose plan governs ``statement``, if it is a statement the plan takes over."""
+    if _is_release(statement):  # written after a placement (strategies.loading.RELEASE): it goes with it
+        before = [c for c in info.creations if c.line < info.line_of(statement)]
+        return max(before, key=lambda c: c.line).pipe if before else None
     if isinstance(statement, cst.If):
         branches, node = [], statement
         while node is not None:
@@ -525,6 +528,15 @@ def _managed_by(info: ScriptInfo, statement: cst.BaseStatement, pipes: set[str])
             owner = target.rsplit(".", 1)[0]
             return owner if owner in pipes else None
     return None
+
+
+def _is_release(statement: cst.BaseStatement) -> bool:
+    """Whether ``statement`` is the release of freed host memory a patch writes: an ``if`` whose calls are
+    glibc's ``malloc_trim`` and what guards it (``platform.libc_ver``, ``ctypes.CDLL``)."""
+    if not isinstance(statement, cst.If):
+        return False
+    names = {called_name(call) for call in nodes_of(statement, cst.Call)}
+    return "malloc_trim" in names and names <= {"malloc_trim", "libc_ver", "CDLL"}
 
 
 def _managed_call(info: ScriptInfo, call: cst.Call, pipes: set[str]) -> str | None:

@@ -368,14 +368,14 @@ def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, 
     copy, read from their files; a component's loaded weights stay mapped until its groups are all pinned,
     so the largest whole component counts, not its largest file (measured on the H200: Flux.1-dev leaf
     streams peaked at 70.1 GiB, the 46.9 GiB of pinned copies plus the 22.2 GiB transformer, whose
-    weights span three files). Without streams, components already on the GPU moved to host memory."""
-    from .loading import largest_file_bytes, quantized_at_load
+    weights span three files). Writing the group files to disk holds the component mapped the same way (Flux:
+    23.2 GiB with the transformer's 22.2). Without streams, components already on the GPU moved to host memory."""
+    from .loading import quantized_at_load
 
     group = plan.group_settings
     offloaded = _offloaded(plan, weights)
-    comps = weights.measured.components
-    if group.offload_to_disk:  # the weights are read from their files once to write the group files
-        return max((largest_file_bytes(comps[n]) for n in offloaded), default=0)
+    if group.offload_to_disk:  # read once to write the group files, the component mapped until all are written
+        return max((weights.bytes[n] for n in offloaded if n not in on_device), default=0)
     if group.use_stream and not group.low_cpu_mem_usage:
         # staged loading parked its quantized components in host RAM already (strategies.loading counts them)
         parked = set(quantized_at_load(plan, weights)) if plan.loading == "staged" else set()

@@ -18,7 +18,8 @@ from . import Code
 if TYPE_CHECKING:
     import torch
 
-    from ..plan import LayerwiseCastingSpec
+    from ..measure import PipelineMeasurement
+    from ..plan import LayerwiseCastingSpec, Plan
     from . import Site
 
 SUPPORTED_LIBRARIES = frozenset({"diffusers"})
@@ -30,6 +31,15 @@ def layerwise_cast_bytes(model: "torch.nn.Module", compute_dtype: "torch.dtype",
 
     model.enable_layerwise_casting(storage_dtype=getattr(torch, storage), compute_dtype=compute_dtype)
     return module_bytes(model)
+
+
+def kept_bytes(plan: "Plan", m: "PipelineMeasurement", per_byte: float) -> float:
+    """Reserved above allocated that casting adds at the peak: each layer's upcast copy is freed after its
+    forward, and the allocator keeps those blocks mapped, in proportion to the weights cast (``per_byte`` of
+    the cast components at full precision, the GPU profile's ``cast_kept_per_byte``)."""
+    if not plan.layerwise_casting:
+        return 0.0
+    return per_byte * sum(m.components[c].bytes or 0 for c in plan.layerwise_casting.components if c in m.components)
 
 
 RULES = (
