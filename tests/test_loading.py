@@ -73,21 +73,28 @@ FIXED = {("flux1-dev", "pick_leaf_stream_small"), ("wan2.1-t2v-1.3b", "fp8_tilin
 def test_host_ram_matches_the_gpu_runs(flux):
     """Every H200 run's RSS while loading and while running, predicted again from the mechanisms alone
     (files mapped as they are read, pinned copies beside the whole component they copy, converting in host
-    RAM with the rest of the pipeline loaded beside it): most within 15%. The three runs that were under
-    by 19-73% before those mechanisms (Flux leaf streams, Wan and SDXL fp8-cast loads) are within 20%."""
+    RAM with the rest of the pipeline loaded beside it, the decoded output held while running): nine in ten
+    within 15%. The three runs that were under by 19-73% before those mechanisms (Flux leaf streams, Wan
+    and SDXL fp8-cast loads) are within 20%; the plain runs' RSS grows with the frames they decode."""
     k = load_coefficients()
     rows = [r for r in map(json.loads, RUNS.read_text().splitlines()) if r["ok"] and r["peak_rss_load_bytes"]]
-    errors, fixed = [], []
+    errors, fixed, plain = [], [], []
     for r in rows:
         m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
         plan = plan_of(r)
-        load, run = host_ram(plan, Weights.of(plan, m), k)
+        output = Workload(**{key: v for key, v in r["workload"].items() if key != "steps"}).output_bytes()
+        load, run = host_ram(plan, Weights.of(plan, m), k, output)
         pairs = [(load, r["peak_rss_load_bytes"]), (run, r["peak_rss_run_bytes"])]
         errors += [(p - q) / q for p, q in pairs]
+        if not r["plan"]:
+            plain.append((r["workload"].get("frames") or 1, run, r["peak_rss_run_bytes"]))
         if (r["build"], r["plan_name"]) in FIXED:
             fixed.append(((load - pairs[0][1]) / pairs[0][1], r["build"], r["plan_name"]))
-    assert len(errors) >= 100 and sum(abs(e) <= 0.15 for e in errors) >= 0.85 * len(errors)
+    assert len(errors) >= 100 and sum(abs(e) <= 0.15 for e in errors) >= 0.90 * len(errors)
     assert len(fixed) == 3 and all(abs(e) <= 0.20 for e, *_ in fixed), fixed
+    assert all(abs(p - q) <= 0.08 * q for _, p, q in plain), plain  # the plain runs: the process and its output
+    longest, shortest = max(plain), min(plain)
+    assert longest[0] > shortest[0] and longest[1] > shortest[1] and longest[2] > shortest[2]
 
 
 _SCRIPT = """\
@@ -163,3 +170,26 @@ def test_nothing_converted_stays_in_host_ram_once_the_pipeline_is_on_the_gpu(flu
     plain = Plan()
     ram = {name: host_ram(p, Weights.of(p, flux), k)[1] for name, p in (("cast", cast), ("plain", plain))}
     assert ram["cast"] == ram["plain"]
+
+
+def test_layerwise_casting_keeps_its_upcast_copies_reserved_in_proportion_to_the_weights_cast():
+    """The H200's image runs with fp8 casting (Flux's transformer, SDXL's UNet: 22.2 and 4.8 GiB cast) kept
+    0.44 and 0.10 GiB more reserved than their uncast plans: one term per byte cast predicts both peaks
+    within 5%, not under by more than 2%; the allocator's fragmentation alone leaves Flux's under."""
+    from pipefit.tools.gpus import gpu_profile
+
+    rows = [r for r in map(json.loads, RUNS.read_text().splitlines())
+            if r["ok"] and r["plan"].get("layerwise_casting") and r["build"] in ("flux1-dev", "sdxl-base")]  # fmt: skip
+    profile = gpu_profile("NVIDIA H200")
+    without = profile.model_copy(update={"cast_kept_per_byte": 0.0})
+    assert len(rows) == 2 and profile.cast_kept_per_byte > 0
+    for r in rows:
+        m = measure_components(f"builtin:{r['build']}", dtype=r["dtype"])
+        w = Workload(**{key: v for key, v in r["workload"].items()})
+        plan, measured = plan_of(r), r["peak_vram_bytes"]
+        kept, alone = (estimate(plan, m, w, gpu=g).vram_bytes for g in (profile, without))
+        assert -0.02 <= (kept - measured) / measured <= 0.05, (r["build"], kept / GiB, measured / GiB)
+        cast = sum(m.components[c].bytes for c in plan.layerwise_casting.components)
+        assert kept - alone == pytest.approx(profile.cast_kept_per_byte * cast, rel=1e-3)
+        if r["build"] == "flux1-dev":
+            assert alone < measured <= kept
