@@ -107,6 +107,8 @@ def rows_for(result, name: str, plan: dict, workloads: list[dict], steps: int) -
         "kind": "strategy_trial", "plan_name": name, "plan": plan, "outcome": result.outcome, "error": result.error,
         "stage": result.stage, "process_seconds": result.seconds, "process_peak_vram_bytes": result.peak_vram_bytes,
         "process_peak_rss_bytes": result.peak_rss_bytes, "peak_rss_load_bytes": result.peak_rss_load_bytes, "peak_vram_load_bytes": result.peak_vram_load_bytes,
+        "process_peak_held_bytes": result.peak_held_bytes, "peak_held_load_bytes": result.peak_held_load_bytes,
+        "peak_held_run_bytes": result.peak_held_run_bytes,
         "seconds_before_first_call": result.seconds_before_first_call, "vram_source": result.vram_source,
         "vram_cap_bytes": result.vram_cap_bytes, "ram_cap_bytes": result.ram_cap_bytes, "log_path": result.log_path, "output_tail": None if result.outcome == "ok" else result.output_tail[-3000:],
     }  # fmt: skip
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds one plan may take")
     parser.add_argument("--deadline", type=float, help="seconds the whole batch may take")
     parser.add_argument("--vram-cap", help="simulate a smaller card (run_trial's vram_cap), e.g. 16GiB")
-    parser.add_argument("--ram-cap", help="stop a plan whose RSS passes this (run_trial's ram_cap), e.g. 64GiB")
+    parser.add_argument("--ram-cap", help="stop a plan whose held RAM passes this (run_trial's ram_cap), e.g. 64GiB")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     started = time.monotonic()  # the deadline counts the build too

@@ -201,8 +201,8 @@ def host_terms(runs: list[dict], k) -> dict:
         ratios = []
         for r in runs:
             one = {**per_byte, key: 1.0}
-            for phase, measured in ((0, r["peak_rss_load_bytes"]), (1, r["peak_rss_run_bytes"])):
-                without, with_one = ram(r, base, per_byte)[phase], ram(r, base, one)[phase]
+            for phase, measured in (("load", r["peak_rss_load_bytes"]), ("run", r["peak_rss_run_bytes"])):
+                without, with_one = getattr(ram(r, base, per_byte), phase), getattr(ram(r, base, one), phase)
                 if measured and with_one - without > 2**28:  # the term moves this prediction by a quarter GiB
                     ratios.append((measured - without) / (with_one - without))
         per_byte[key] = round(median(ratios), 4) if ratios else k.ram_copy_per_byte.get(key, 1.0)
@@ -350,7 +350,7 @@ def main() -> None:
     if held_out:
         print(f"held out (not fitted on): {sorted({r['build'] for r in held_out})}")
     runs = runs + held_out
-    errors, step_errors, call_errors, ram_errors = [], [], [], []
+    errors, step_errors, call_errors, ram_errors, held = [], [], [], [], []
     print(f"{'pipeline':18s} {'plan':28s} {'alloc':5s} {'workload':12s} {'pred GiB':>8s} {'meas GiB':>8s} {'err':>6s}"
           f" {'stage':12s} {'pred s/step':>11s} {'meas':>6s} {'pred s/call':>11s} {'meas':>6s}"
           f" {'RAM load':>8s} {'meas':>6s} {'RAM run':>8s} {'meas':>6s}")  # fmt: skip
@@ -362,6 +362,8 @@ def main() -> None:
             r = {**r, "peak_vram_bytes": r["process_peak_vram_bytes"]}
         ram_pairs = [(e.ram_load_bytes, r["peak_rss_load_bytes"]), (e.ram_run_bytes, r["peak_rss_run_bytes"])]
         ram_errors += [(p - q) / q for p, q in ram_pairs if q]
+        if r.get("peak_held_load_bytes"):  # what the RAM budget is compared with: loading's RSS less mapped files
+            held.append((r["build"], r["plan_name"], e.ram_load_bytes - e.ram_load_mapped_bytes, r["peak_held_load_bytes"]))
         err = (e.vram_bytes - r["peak_vram_bytes"]) / r["peak_vram_bytes"]
         errors.append(err)
         measured_step = _steady_step(r)
@@ -399,6 +401,12 @@ def main() -> None:
     if ram_errors:
         print(f"host RAM (loading and running peaks): {sum(abs(x) <= 0.15 for x in ram_errors)}/{len(ram_errors)} within 15%; "
               f"worst under {min(ram_errors):+.1%}, worst over {max(ram_errors):+.1%}")
+    if held:
+        print(f"held RAM while loading (RSS less mapped weight files; the rows that record it): "
+              f"{sum(abs(p - q) <= 0.15 * q for *_, p, q in held)}/{len(held)} within 15%")
+        for build, name, predicted, measured in held:
+            print(f"  {build:18s} {name:28s} predicted {predicted / GiB:6.2f} GiB, held {measured / GiB:6.2f} "
+                  f"({(predicted - measured) / measured:+.1%})")
     if step_errors:
         print(f"s/step (plain plans): mean |err| {sum(map(abs, step_errors)) / len(step_errors):.1%}, "
               f"worst {max(step_errors, key=abs):+.1%}")  # fmt: skip

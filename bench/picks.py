@@ -42,11 +42,12 @@ def _key(plan) -> str:
 
 
 def _fits(row: dict, vram: int, ram: int) -> bool:
-    """Whether a run stayed within the cell: its peak VRAM and RSS (the trial's own peaks)."""
-    rss = max(
+    """Whether a run stayed within the cell: its peak VRAM and host memory (the trial's own peaks; the
+    held part of the RSS, what --ram-cap limits, where the row has it)."""
+    host = row.get("process_peak_held_bytes") or max(
         row.get("peak_rss_load_bytes") or 0, row.get("peak_rss_run_bytes") or 0, row.get("process_peak_rss_bytes") or 0
     )
-    return row.get("ok", False) and row["peak_vram_bytes"] <= vram * GiB and rss <= ram * GiB
+    return row.get("ok", False) and row["peak_vram_bytes"] <= vram * GiB and host <= ram * GiB
 
 
 def _capped_within(row: dict, vram: int, ram: int) -> bool:
@@ -122,7 +123,7 @@ def main() -> None:
                             else f"{row['outcome']:16s}" if row else " " * 16)  # fmt: skip
                 print(f"    {'pick' if rank == 0 else f'#{rank + 1}  '} {o.id[:78]:78s} pred {o.predicted.seconds:6.2f} s"
                       f" {o.predicted.vram_bytes / GiB:5.2f} GiB"
-                      f" {max(o.predicted.ram_load_bytes, o.predicted.ram_run_bytes) / GiB:5.1f} GiB RAM | {how:16s} {measured}"
+                      f" {o.predicted.ram_bytes / GiB:5.1f} GiB RAM | {how:16s} {measured}"
                       f" {f'{ratio:.2f}x' if ratio else '':>6s} {verdict}")  # fmt: skip
             if not rec.options[0].fits and fitting_runs:
                 print(f"    recommend says nothing fits, but {len(fitting_runs)} runs did")

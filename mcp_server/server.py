@@ -245,7 +245,9 @@ async def run_trial(
     replace: Annotated[bool, Field(description="as patch_script's: the plan complete, the script's own settings dropped")] = False,
     args: Annotated[list[str], Field(description="the script's command-line arguments")] = [],  # noqa: B006
     vram_cap: Annotated[str | None, Field(description="simulate a smaller NVIDIA GPU, e.g. '12GiB'")] = None,
-    ram_cap: Annotated[str | None, Field(description="stop the run past this much RAM, e.g. '32GiB'")] = None,
+    ram_cap: Annotated[
+        str | None, Field(description="stop the run past this much held RAM (mapped weight files not counted), e.g. '32GiB'")
+    ] = None,
     timeout: Annotated[float, Field(gt=0, description="seconds before the run is stopped")] = 1800,
     cwd: Annotated[str | None, Field(description="working folder (default: the server's)")] = None,
 ) -> TrialResult:

@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     trial.add_argument("--plan", metavar="PLAN", help="apply this plan first (inline JSON or a .json file)")
     trial.add_argument("--replace", action="store_true", help="as for `pipefit patch`: the plan complete")
     trial.add_argument("--vram-cap", metavar="SIZE", help="simulate a smaller GPU, e.g. 12GiB (needs an NVIDIA GPU)")
-    trial.add_argument("--ram-cap", metavar="SIZE", help="stop the run when its RAM passes SIZE (a simulated host)")
+    trial.add_argument("--ram-cap", metavar="SIZE", help="stop the run when the RAM it holds passes SIZE, a simulated host "
+                       "(mapped weight files, which the kernel can drop, do not count)")
     trial.add_argument("--timeout", type=float, metavar="S", help="stop it after S seconds (default: 30 min; 0: none)")
     trial.add_argument("--cwd", metavar="DIR", help="run in DIR (default: here)")
     trial.add_argument("--python", metavar="PY", help="the interpreter to run SCRIPT with (default: pipefit's)")

@@ -162,6 +162,20 @@ def patch(result: PatchResult, console: Console, script: str) -> None:
         console.print("[dim]Nothing written: add -o OUT to write the patched script.[/]")
 
 
+def _ram_cell(p) -> str:
+    """'LOAD / RUN', with '+ MAPPED' where loading maps weight files the kernel can drop (not counted)."""
+    load = format_bytes(p.ram_load_bytes - p.ram_load_mapped_bytes)
+    mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes else ""
+    return f"{load}{mapped} / {format_bytes(p.ram_run_bytes)}"
+
+
+def _phases(peak: int, loading: int | None, running: int | None) -> str:
+    """'PEAK  (loading X, running Y)' for the phases measured."""
+    phases = [(label, value) for label, value in (("loading", loading), ("running", running)) if value is not None]
+    split = f"  ({', '.join(f'{label} {format_bytes(value)}' for label, value in phases)})" if phases else ""
+    return format_bytes(peak) + split
+
+
 def trial(result: TrialResult, console: Console) -> None:
     style = "green" if result.outcome == "ok" else "red"
     ran = f" (patched copy: {escape(result.ran)})" if result.ran != result.script else ""
@@ -180,10 +194,10 @@ def trial(result: TrialResult, console: Console) -> None:
     table.add_row("peak VRAM", vram)
     table.add_row("torch allocated / reserved", f"{format_bytes(result.peak_torch_allocated_bytes)} / "
                   f"{format_bytes(result.peak_torch_reserved_bytes)}")  # fmt: skip
-    phases = [(label, value) for label, value in (("loading", result.peak_rss_load_bytes),
-              ("running", result.peak_rss_run_bytes)) if value is not None]  # fmt: skip
-    split = f"  ({', '.join(f'{label} {format_bytes(value)}' for label, value in phases)})" if phases else ""
-    table.add_row("peak RAM (RSS)", format_bytes(result.peak_rss_bytes) + split)
+    table.add_row("peak RAM (RSS)", _phases(result.peak_rss_bytes, result.peak_rss_load_bytes, result.peak_rss_run_bytes))
+    if result.peak_held_bytes is not None and result.peak_held_bytes != result.peak_rss_bytes:
+        held = _phases(result.peak_held_bytes, result.peak_held_load_bytes, result.peak_held_run_bytes)
+        table.add_row("RAM held (--ram-cap)", held)  # the RSS less mapped weight files, which the kernel can drop
     if result.vram_cap_bytes is not None:
         table.add_row("VRAM cap", f"{format_bytes(result.vram_cap_bytes)} (simulated)")
     if result.ram_cap_bytes is not None:
@@ -261,7 +275,7 @@ def recommendation(result: Recommendation, console: Console, show_all: bool = Fa
             )
             table.add_row(
                 str(rank), "[green]yes[/]" if option.fits else "[red]no[/]", escape(option.id),
-                format_bytes(p.vram_bytes), f"{format_bytes(p.ram_load_bytes)} / {format_bytes(p.ram_run_bytes)}",
+                format_bytes(p.vram_bytes), _ram_cell(p),
                 f"{p.seconds:.1f}" + ("" if option.basis == "measured" else "*"), escape(why),
             )  # fmt: skip
         console.print(table)

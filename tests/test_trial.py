@@ -127,6 +127,27 @@ def test_a_ram_cap_stops_a_growing_script(tmp_path):
     assert time.monotonic() - started < 30
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc splits the RSS on Linux only")
+def test_a_ram_cap_leaves_out_mapped_file_pages_the_kernel_can_drop(tmp_path):
+    """A script that maps and reads a 768 MiB file (as loading memory-mapped weights does) runs under a
+    512 MiB cap: its RSS passes the cap, the memory it must hold does not. Anonymous memory of the same
+    size is stopped (the test above)."""
+    if _filesystem(tmp_path) == "tmpfs":  # a tmpfs file's pages are shared memory, which the cap counts
+        pytest.skip(f"{tmp_path} is on tmpfs")
+    result = trial("map_file.py", 768, tmp_path, ram_cap="512MiB")
+    assert result.outcome == "ok", result.error
+    assert result.peak_rss_bytes > 768 * 2**20 > 512 * 2**20 > result.peak_held_bytes
+    assert result.peak_held_load_bytes == result.peak_held_bytes  # no pipeline call: all of it is loading
+    assert "768 MiB mapped" in result.output_tail
+
+
+def _filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` is on, from the longest mount point above it."""
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    above = [(point, kind) for _, point, kind, *_ in mounts if path.resolve().is_relative_to(point)]
+    return max(above, key=lambda m: len(m[0]))[1]
+
+
 def test_a_sigkill_nobody_asked_for_is_a_host_oom():
     result = trial("killed.py")
     assert result.outcome == "host_oom" and result.exit_code == -9

@@ -66,7 +66,7 @@ def test_an_oom_is_classified_with_its_numbers_and_stage():
 )
 def test_how_a_run_ended_decides_its_outcome(exit_code, stopped_for, oom_killed, outcome, says):
     events = recorded("tiny_flux_two_calls")[:4]  # stopped in the first call's denoising loop
-    verdict = classify(events, exit_code, stopped_for, "", timeout=60, peak_rss=2**31, ram_cap=2**30,
+    verdict = classify(events, exit_code, stopped_for, "", timeout=60, peak_held=2**31, ram_cap=2**30,
                        oom_killed=oom_killed)  # fmt: skip
     assert verdict.outcome == outcome
     assert (verdict.error is None) if says is None else (says in verdict.error), verdict.error

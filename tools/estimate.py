@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -40,6 +40,7 @@ from .strategies import (
     host_bytes,
     layerwise_casting,
     loading,
+    mapped_setup_bytes,
     resident,
     setup_host_bytes,
     torch_compile,
@@ -139,6 +140,9 @@ class StagePeak(BaseModel):
 class Estimate(BaseModel):
     vram_bytes: int
     ram_load_bytes: int
+    ram_load_mapped_bytes: int = Field(
+        0, description="of ram_load_bytes, weight files mapped while read once, which the kernel can drop"
+    )
     ram_run_bytes: int
     seconds: float = Field(description="one call, steady state (not the first, which also warms up)")
     first_call_seconds: float = Field(description="the first call: compiling included")
@@ -149,6 +153,18 @@ class Estimate(BaseModel):
     stages: list[StagePeak] = Field(description="the largest call of each component and method, and loading")
     allocator: Literal["expandable_segments", "default"]
     basis: Basis = Field(description="measured: this family and kind of plan ran on a GPU; derived: from the code alone")
+
+    @property
+    def ram_bytes(self) -> int:
+        """The RAM a machine must have: the larger of loading's peak without the mapped weight files
+        (``held_ram_bytes``) and running's."""
+        return held_ram_bytes(self.ram_load_bytes, self.ram_load_mapped_bytes, self.ram_run_bytes)
+
+
+def held_ram_bytes(load: int, load_mapped: int, run: int) -> int:
+    """The RAM a plan needs: loading's RSS peak less the weight files it maps while reading them once
+    (file pages a machine drops and reads again when memory is short), or running's peak if larger."""
+    return max(load - load_mapped, run)
 
 
 def trace_for(m: PipelineMeasurement, w: Workload) -> "Trace":
@@ -206,7 +222,7 @@ def estimate(
     extra += layerwise_casting.kept_bytes(plan, m, profile.cast_kept_per_byte)
     vram = int(profile.context_bytes + allocated + extra)
 
-    ram_load, ram_run = host_ram(plan, weights, k, w.output_bytes())
+    ram = host_ram(plan, weights, k, w.output_bytes())
 
     # ---- seconds per call: FLOPs over the GPU's rates, per call, plus the placement's transfers
     steps_seen = max(trace.steps_run, 1)
@@ -233,7 +249,7 @@ def estimate(
     compiling = torch_compile.first_call_seconds(plan, m.components.get(denoiser), k.compile_seconds_per_block)
     measured = signature(plan) in k.measured.get(m.pipeline_class, [])
     return Estimate(
-        vram_bytes=vram, ram_load_bytes=int(ram_load), ram_run_bytes=int(ram_run), seconds=round(seconds, 3),
+        vram_bytes=vram, ram_load_bytes=int(ram.load), ram_load_mapped_bytes=int(ram.load_mapped), ram_run_bytes=int(ram.run), seconds=round(seconds, 3),
         first_call_seconds=round(seconds + compiling, 3),
         peak_stage=entries[index][0], peak_call=peak_call if peak_call >= 0 else None, peak_resident_bytes=peak_resident,
         peak_working_bytes=peak_working, stages=_largest_per_stage(entries, trace), allocator=plan.allocator,
@@ -331,18 +347,27 @@ def _step_factor(plan: Plan, component: str, k: Coefficients) -> float:
     return factor
 
 
-def host_ram(plan: Plan, weights: Weights, k: Coefficients, output_bytes: float = 0.0) -> tuple[float, float]:
+class HostRam(NamedTuple):
+    load: float  # RSS while loading, up to the first call
+    load_mapped: float  # of it, weight files mapped while read once: file pages the kernel can drop
+    run: float  # RSS while running
+
+
+def host_ram(plan: Plan, weights: Weights, k: Coefficients, output_bytes: float = 0.0) -> HostRam:
     """RSS while loading (up to the first call) and while running: the process's own, plus what the
     loading path reads and converts (strategies.loading) and what the placement holds (its module);
-    while running also the decoded output (``output_bytes``: Workload.output_bytes)."""
+    while running also the decoded output (``output_bytes``: Workload.output_bytes). ``load_mapped``
+    is what loading's peak has fewer when the placement's mapped weight files are not held."""
     per_byte = k.ram_copy_per_byte
     on_device = loading.on_device_after_load(plan, weights)
     setup = setup_host_bytes(plan, weights, per_byte, on_device)
+    held_setup = setup - mapped_setup_bytes(plan, weights, on_device)
     running = host_bytes(plan, weights, per_byte) + loading.host_leftover_bytes(plan, weights, per_byte)
-    ram_load = k.ram_base_bytes["load"] + loading.host_bytes_at_load(plan, weights, setup, per_byte)
+    at_load = loading.host_bytes_at_load(plan, weights, setup, per_byte)
+    held_at_load = loading.host_bytes_at_load(plan, weights, held_setup, per_byte)
     compiler = k.compile_ram_bytes if plan.compile != "none" else 0.0  # compiling happens in the first call
     output = k.ram_per_output_byte * output_bytes
-    return ram_load, k.ram_base_bytes["run"] + running + compiler + output
+    return HostRam(k.ram_base_bytes["load"] + at_load, at_load - held_at_load, k.ram_base_bytes["run"] + running + compiler + output)
 
 
 def signature(plan: Plan) -> str:

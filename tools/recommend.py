@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, computed_field
 
 from .errors import PipefitError, invalid_input
-from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
+from .estimate import Estimate, Workload, denoiser_of, estimate, held_ram_bytes, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
 from .model_card import card_call
@@ -60,10 +60,19 @@ class Machine(BaseModel):
 
 class Predicted(BaseModel):
     vram_bytes: int
-    ram_load_bytes: int
-    ram_run_bytes: int
+    ram_load_bytes: int = Field(description="RSS while loading, up to the first call")
+    ram_load_mapped_bytes: int = Field(
+        0, description="of ram_load_bytes, weight files mapped while read once (disk offload writing its group "
+        "files, pinning for streams): file pages the kernel drops under pressure, so the machine need not hold them"
+    )
+    ram_run_bytes: int = Field(description="RSS while running")
     seconds: float = Field(description="one call at the workload, after the first")
     first_call_seconds: float = Field(description="the first call, compiling included")
+
+    @computed_field(description="the RAM the machine must have: what is compared with its RAM")
+    @property
+    def ram_bytes(self) -> int:
+        return held_ram_bytes(self.ram_load_bytes, self.ram_load_mapped_bytes, self.ram_run_bytes)
 
 
 class Option(BaseModel):
@@ -200,7 +209,7 @@ def _shortfall(options: list["Option"], machine: Machine, margin: int, target: T
         return None
 
     def ram(o: "Option") -> int:
-        return max(o.predicted.ram_load_bytes, o.predicted.ram_run_bytes)
+        return o.predicted.ram_bytes
 
     have = f"{format_bytes(machine.vram_bytes)} of VRAM and {format_bytes(machine.ram_bytes)} of RAM"
     within = [o for o in allowed if o.predicted.vram_bytes + margin <= machine.vram_bytes]
@@ -241,8 +250,7 @@ class _Context:
     def fits(self, plan: Plan) -> bool:
         """Whether the plan's prediction fits the machine (the rules are not checked)."""
         e = self.estimate(plan)
-        return (e.vram_bytes + self.margin <= self.machine.vram_bytes
-                and max(e.ram_load_bytes, e.ram_run_bytes) <= self.machine.ram_bytes)  # fmt: skip
+        return e.vram_bytes + self.margin <= self.machine.vram_bytes and e.ram_bytes <= self.machine.ram_bytes
 
     def per_call(self, e: Estimate) -> float:
         """Seconds per call over ``calls`` calls, the first one's compiling included."""
@@ -395,10 +403,10 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
             f"Needs {format_bytes(e.vram_bytes)} of VRAM at its peak (stage: {e.peak_stage}) plus the "
             f"{format_bytes(margin)} margin; {format_bytes(machine.vram_bytes)} available."
         )
-    ram_need = max(e.ram_load_bytes, e.ram_run_bytes)
+    ram_need = e.ram_bytes
     if ram_need > machine.ram_bytes:
         limit = "the container's memory limit" if machine.ram_is_container_limit else "available RAM"
-        when = "while loading" if e.ram_load_bytes >= e.ram_run_bytes else "while running"
+        when = "while loading" if e.ram_load_bytes - e.ram_load_mapped_bytes >= e.ram_run_bytes else "while running"
         why = (
             " (quantizing or casting on the CPU passes every component through host RAM at full precision)"
             if when == "while loading" and (plan.quantize or plan.layerwise_casting) else ""
@@ -408,6 +416,12 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
     if fits:
         reasons.insert(0, f"Fits: {format_bytes(e.vram_bytes)} VRAM at its peak ({e.peak_stage}), "
                           f"{format_bytes(ram_need)} RAM, {e.seconds:.1f} s per call.")  # fmt: skip
+    if e.ram_load_mapped_bytes and e.ram_load_bytes > machine.ram_bytes:
+        reasons.append(
+            f"Its RSS while loading reaches {format_bytes(e.ram_load_bytes)}, {format_bytes(e.ram_load_mapped_bytes)} "
+            "of it weight files mapped while they are read once; the kernel drops those pages when memory is short, "
+            "so they are not counted against the RAM (loading may read them from disk again)."
+        )
     if plan.compile != "none":
         reasons.append(f"The first call compiles ({e.first_call_seconds:.0f} s with compiling, predicted); later calls "
                        f"{e.seconds:.1f} s. Worth it over several calls in one process (`calls`).")  # fmt: skip
@@ -432,7 +446,8 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
         group="cached" if plan.cache else "quantized" if plan.quantize else "full_precision",
         plan=plan.model_dump(exclude_defaults=True), fits=fits,
         predicted=Predicted(vram_bytes=e.vram_bytes, ram_load_bytes=e.ram_load_bytes, ram_run_bytes=e.ram_run_bytes,
-                            seconds=e.seconds, first_call_seconds=e.first_call_seconds),
+                            ram_load_mapped_bytes=e.ram_load_mapped_bytes, seconds=e.seconds,
+                            first_call_seconds=e.first_call_seconds),
         peak_stage=e.peak_stage, basis=e.basis, reasons=reasons, code="",
     )  # fmt: skip
 
@@ -454,7 +469,7 @@ def _score(o: Option, prefer: Preference, calls: int = 1) -> tuple:
     p = o.predicted
     s = round(per_call_seconds(p.first_call_seconds, p.seconds, calls), 3)
     # equally fast plans (loading paths differ in memory, not in speed): the one with more room left first
-    room = (p.vram_bytes, max(p.ram_load_bytes, p.ram_run_bytes))
+    room = (p.vram_bytes, p.ram_bytes)
     if prefer == "speed":
         return (s, *room)
     cached = plan.cache is not None  # it changes the image: first only when speed is what was asked for

@@ -1,10 +1,14 @@
-"""Peak memory of a running process tree: host RSS from psutil, device memory from NVML.
+"""Peak memory of a running process tree: host RSS from /proc (psutil elsewhere), device memory from NVML.
 
 Sampled from outside the process, in a thread of the caller, so that what is measured costs the
 measured process nothing and survives its being killed. Device memory is what the driver sees
 (CUDA context included; shared/design.md's "peak VRAM"), attributed to the tree's own processes
 where NVML lists them; inside a container whose PID namespace hides them from NVML, it falls back
 to the growth of the device's used memory since sampling began, and says so.
+
+Host memory is counted twice: the RSS, and the part of it the machine must hold (``held``): the
+anonymous and shared pages (heap, pinned copies, tmpfs), without the file-backed pages of mapped
+weight files, which the kernel drops and reads again when memory is short.
 """
 
 from __future__ import annotations
@@ -19,6 +23,25 @@ import psutil
 VramSource = Literal["nvml_process", "nvml_device"]
 INTERVAL_S = 0.02
 RESCAN_S = 0.5  # listing descendants reads every process in /proc: ~1 ms, too dear for every sample
+_HELD_FIELDS = ("RssAnon:", "RssShmem:")  # pinned host memory is shared pages (RssShmem), not anonymous
+
+
+def resident(process: psutil.Process) -> tuple[int, int]:
+    """(RSS, held) of one process in bytes. ``held``: its anonymous and shared resident pages, read from
+    /proc/PID/status; file-backed pages (memory-mapped safetensors read once) are left out, as the kernel
+    reclaims them under pressure. Where /proc does not split the RSS, ``held`` is the RSS."""
+    try:
+        with open(f"/proc/{process.pid}/status", "rb") as f:
+            lines = f.read().decode("ascii", "replace").splitlines()
+    except FileNotFoundError:  # not Linux, or it just exited (then psutil says so below)
+        lines = []
+    except OSError as exc:
+        raise psutil.NoSuchProcess(process.pid) from exc
+    kib = {fields[0]: int(fields[1]) for line in lines if len(fields := line.split()) >= 2 and fields[0].startswith(("VmRSS", "Rss"))}
+    if "VmRSS:" in kib and all(name in kib for name in _HELD_FIELDS):
+        return kib["VmRSS:"] * 1024, sum(kib[name] for name in _HELD_FIELDS) * 1024
+    rss = process.memory_info().rss
+    return rss, rss
 
 
 class Nvml:
@@ -82,11 +105,12 @@ class TreeSampler:
 
     Create it before starting the process: device memory in use then is the baseline others hold.
 
-    ``peak_rss_bytes`` is the largest sum of the tree's resident sets; ``peak_vram_bytes`` the
-    largest device memory of the tree on any one GPU (what must fit on a card), with
-    ``vram_source`` saying how it was attributed; ``rss_bytes`` is the latest sum.
-    ``peak_rss_by_phase`` and ``peak_vram_by_phase`` hold the peaks within each phase the caller
-    names with ``set_phase`` (loading, each pipeline call).
+    ``peak_rss_bytes`` is the largest sum of the tree's resident sets and ``peak_held_bytes`` of their
+    held parts (``resident``); ``peak_vram_bytes`` the largest device memory of the tree on any one GPU
+    (what must fit on a card), with ``vram_source`` saying how it was attributed; ``rss_bytes`` and
+    ``held_bytes`` are the latest sums. ``peak_rss_by_phase``, ``peak_held_by_phase`` and
+    ``peak_vram_by_phase`` hold the peaks within each phase the caller names with ``set_phase``
+    (loading, each pipeline call).
     """
 
     def __init__(self, members: Callable[[], list[psutil.Process]], nvml: Nvml | None = None, interval: float = INTERVAL_S):
@@ -94,10 +118,11 @@ class TreeSampler:
         self.interval = interval
         self.nvml = nvml if nvml is not None and nvml.available else None
         self.baseline_used = _settled(self.nvml) if self.nvml else []
-        self.rss_bytes = 0
-        self.peak_rss_bytes = 0
+        self.rss_bytes = self.held_bytes = 0
+        self.peak_rss_bytes = self.peak_held_bytes = 0
         self.phase = "start"
         self.peak_rss_by_phase: dict[str, int] = {}
+        self.peak_held_by_phase: dict[str, int] = {}
         self.processes: dict[int, psutil.Process] = {}  # every process of the tree seen so far
         self._tree: list[psutil.Process] = []
         self._scanned = float("-inf")
@@ -116,7 +141,7 @@ class TreeSampler:
         self.phase = name
         # the RSS last seen holds at the switch: a phase shorter than the sampling interval still has a figure
         if self.rss_bytes:
-            self.peak_rss_by_phase[name] = max(self.peak_rss_by_phase.get(name, 0), self.rss_bytes)
+            self._record(name)
 
     def stop(self) -> None:
         self._stop.set()
@@ -158,16 +183,19 @@ class TreeSampler:
             self._scanned = now
             for process in self._tree:
                 self.processes.setdefault(process.pid, process)
-        rss, live = 0, set()
+        rss = held = 0
+        live = set()
         for process in self._tree:
             try:
-                rss += process.memory_info().rss
+                process_rss, process_held = resident(process)
             except psutil.Error:  # it exited since the last listing
                 continue
+            rss, held = rss + process_rss, held + process_held
             live.add(process.pid)
-        self.rss_bytes = rss
+        self.rss_bytes, self.held_bytes = rss, held
         self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
-        self.peak_rss_by_phase[self.phase] = max(self.peak_rss_by_phase.get(self.phase, 0), rss)
+        self.peak_held_bytes = max(self.peak_held_bytes, held)
+        self._record(self.phase)
         if self.nvml is None:
             return
         now_mine = now_growth = 0
@@ -179,6 +207,11 @@ class TreeSampler:
             now_mine, now_growth = max(now_mine, mine), max(now_growth, growth)
         mine_before, growth_before = self._vram_by_phase.get(self.phase, (0, 0))
         self._vram_by_phase[self.phase] = (max(mine_before, now_mine), max(growth_before, now_growth))
+
+    def _record(self, phase: str) -> None:
+        """The latest host figures count for ``phase``'s peaks."""
+        self.peak_rss_by_phase[phase] = max(self.peak_rss_by_phase.get(phase, 0), self.rss_bytes)
+        self.peak_held_by_phase[phase] = max(self.peak_held_by_phase.get(phase, 0), self.held_bytes)
 
     def _run(self) -> None:
         while not self._stop.is_set():

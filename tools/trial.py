@@ -63,6 +63,12 @@ class TrialResult(BaseModel):
     peak_rss_bytes: int = Field(description="resident memory of the child's process tree at its peak")
     peak_rss_load_bytes: int | None = Field(None, description="the RSS peak before the first pipeline call: loading")
     peak_rss_run_bytes: int | None = Field(None, description="the RSS peak from the first pipeline call on")
+    peak_held_bytes: int | None = Field(
+        None, description="the peak of the RSS the machine must hold: anonymous and shared pages (heap, pinned "
+        "copies), without mapped weight files the kernel can drop; what `ram_cap` limits (Linux; else the RSS)"
+    )
+    peak_held_load_bytes: int | None = Field(None, description="the held peak before the first pipeline call")
+    peak_held_run_bytes: int | None = Field(None, description="the held peak from the first pipeline call on")
     peak_vram_load_bytes: int | None = Field(
         None, description="the driver's peak before the first pipeline call: loading (recommend's 'load' stage)"
     )
@@ -120,8 +126,9 @@ def run_trial(
     driver sees it (NVML; null without a GPU), PyTorch's allocated and reserved peaks, peak RSS of the child tree, wall time, each pipeline call's step times (via
     callback_on_step_end) and the time before the first step and after the last.
     ``vram_cap`` (e.g. "12GiB") simulates a smaller card: PyTorch's allocator is capped at the cap
-    minus the measured CUDA context. ``ram_cap`` stops the run when the tree's RSS passes it (a
-    simulated host limit; at least 64 MiB). ``timeout`` seconds (None: no limit) stops the whole tree, and so does
+    minus the measured CUDA context. ``ram_cap`` stops the run when the tree's held RAM passes it
+    (a simulated host limit, at least 64 MiB: the RSS less file-backed pages such as mapped weight files,
+    which a machine that size drops and reads again; ``peak_held_bytes``). ``timeout`` seconds (None: no limit) stops the whole tree, and so does
     setting ``cancel`` from another thread.
     Outcome: ok, cuda_oom (numbers and stage in ``oom``), host_oom, timeout, cancelled or error; the output's
     tail is in the result, the full log at ``log_path``. Next step on an OOM: recommend with a
@@ -358,8 +365,10 @@ def _watch(
             progress(f"timeout after {spec.timeout:g} s: stopping the script")
             _stop(tree, child, _GRACE_S)
             return "timeout"
-        if spec.ram_cap is not None and sampler.rss_bytes > spec.ram_cap:
-            progress(f"RSS {format_bytes(sampler.rss_bytes)} passed the RAM cap: stopping the script")
+        # file pages (weights mapped while they are read) do not count: a machine that size drops and re-reads them
+        if spec.ram_cap is not None and sampler.held_bytes > spec.ram_cap:
+            progress(f"held RAM {format_bytes(sampler.held_bytes)} (RSS {format_bytes(sampler.rss_bytes)}) "
+                     "passed the RAM cap: stopping the script")  # fmt: skip
             _stop(tree, child, _GRACE_S)
             return "ram_cap"
         if now - last_report > _HEARTBEAT_S:
@@ -396,6 +405,11 @@ def _wait_released(sampler: TreeSampler, patience: float = 10.0) -> bool | None:
 # ---- what it measured -----------------------------------------------------------------------------
 
 
+def _run_peak(by_phase: dict[str, int]) -> int | None:
+    """The peak from the first pipeline call on: every phase but loading."""
+    return max((v for phase, v in by_phase.items() if phase != "load"), default=None)
+
+
 def _result(
     spec: _Spec, events: list[dict], sampler: TreeSampler, exit_code: int | None, seconds: float,
     stopped_for: StoppedFor | None, oom_killed: bool | None,
@@ -412,7 +426,7 @@ def _result(
     source = _source(spec.ran)
     verdict = classify(
         events, exit_code, stopped_for, _tail(spec.log_path, lines=200, chars=20000), source=source,
-        timeout=spec.timeout, peak_rss=sampler.peak_rss_bytes, ram_cap=spec.ram_cap, oom_killed=oom_killed,
+        timeout=spec.timeout, peak_held=sampler.peak_held_bytes, ram_cap=spec.ram_cap, oom_killed=oom_killed,
     )  # fmt: skip
     done = [c for c in calls if c.step_seconds]
     result = TrialResult(
@@ -421,7 +435,8 @@ def _result(
         script=str(spec.script), ran=str(spec.ran), exit_code=exit_code,
         peak_vram_bytes=peak_vram, peak_torch_allocated_bytes=allocated, peak_torch_reserved_bytes=reserved,
         peak_rss_bytes=sampler.peak_rss_bytes, peak_rss_load_bytes=rss_by_phase.get("load"),
-        peak_rss_run_bytes=max((v for phase, v in rss_by_phase.items() if phase != "load"), default=None),
+        peak_rss_run_bytes=_run_peak(rss_by_phase), peak_held_bytes=sampler.peak_held_bytes,
+        peak_held_load_bytes=sampler.peak_held_by_phase.get("load"), peak_held_run_bytes=_run_peak(sampler.peak_held_by_phase),
         peak_vram_load_bytes=vram_by_phase.get("load"), vram_source=sampler.vram_source,
         step_seconds=done[-1].step_seconds if done else [], calls=calls, seconds_before_first_call=before_first,
         allocator=allocator, vram_cap_bytes=spec.vram_cap, ram_cap_bytes=spec.ram_cap,

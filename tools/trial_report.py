@@ -153,7 +153,7 @@ def classify(
     *,
     source: str | None = None,
     timeout: float | None = None,
-    peak_rss: int = 0,
+    peak_held: int = 0,
     ram_cap: int | None = None,
     oom_killed: bool | None = None,
 ) -> Verdict:
@@ -168,8 +168,9 @@ def classify(
         verdict = Verdict("cancelled", "Cancelled by the caller; pipefit stopped the script and its processes.")
     elif stopped_for == "ram_cap":
         verdict = Verdict("host_oom", (
-            f"The script's processes reached {format_bytes(peak_rss)} of RAM, over the {format_bytes(ram_cap)} "
-            "cap; pipefit stopped them (a simulated host limit)."
+            f"The script's processes held {format_bytes(peak_held)} of RAM, over the {format_bytes(ram_cap)} "
+            "cap; pipefit stopped them (a simulated host limit: anonymous and shared pages count, mapped weight "
+            "files do not)."
         ))  # fmt: skip
     elif exit_code == 0:
         verdict = Verdict("ok")

@@ -162,3 +162,9 @@ def host_bytes(plan: "Plan", weights: Weights, copy_per_byte: dict[str, float]) 
 def setup_host_bytes(plan: "Plan", weights: Weights, copy_per_byte: dict[str, float], on_device: list[str]) -> float:
     """Host RAM the plan's placement takes when applied, with ``on_device`` already on the GPU."""
     return plan.placement_module().setup_host_bytes(plan, weights, copy_per_byte, on_device)
+
+
+def mapped_setup_bytes(plan: "Plan", weights: Weights, on_device: list[str]) -> float:
+    """Of ``setup_host_bytes``, the weight files' pages mapped while the placement reads them once: file
+    pages the kernel can drop, so a machine need not hold them."""
+    return plan.placement_module().mapped_setup_bytes(plan, weights, on_device)

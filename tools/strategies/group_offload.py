@@ -328,6 +328,35 @@ def disk_note(plan: "Plan", weights: "Weights") -> str:
             f"every step; the time assumes {ASSUMED_DISK_BYTES_PER_S / 1e9:g} GB/s reads (not measured here).")  # fmt: skip
 
 
+def mapped_setup_bytes(plan: "Plan", weights: "Weights", on_device: list[str]) -> float:
+    """Of the setup's host RAM, the weight files' pages mapped while they are read once: a component's
+    loaded weights stay mapped until its groups are all pinned or all written to disk, so the largest
+    whole component counts, not its largest file. These are file pages, which the kernel drops under
+    pressure (measured on the H200: Flux.1-dev leaf streams peaked at 70.1 GiB, the 46.9 GiB of pinned
+    copies plus the 22.2 GiB transformer, whose weights span three files; writing its group files, RSS
+    23.2 GiB with the transformer mapped, 0.6 GiB of it anonymous or shared). A component quantized or
+    cast while loading is converted memory, not its files: then nothing counts as mapped."""
+    from .loading import quantized_at_load
+
+    largest = _mapped_whole(plan, weights, on_device)
+    cast = plan.layerwise_casting.components if plan.layerwise_casting else []
+    converted = {*quantized_at_load(plan, weights), *cast}
+    return float(weights.bytes[largest]) if largest is not None and largest not in converted else 0.0
+
+
+def _mapped_whole(plan: "Plan", weights: "Weights", on_device: list[str]) -> str | None:
+    """The component whose weights the setup holds mapped at its peak: the largest it pins or writes."""
+    from .loading import quantized_at_load
+
+    group = plan.group_settings
+    if not (group.offload_to_disk or (group.use_stream and not group.low_cpu_mem_usage)):
+        return None
+    # staged loading parked its quantized components in host RAM already (strategies.loading counts them)
+    parked = set(quantized_at_load(plan, weights)) if plan.loading == "staged" and not group.offload_to_disk else set()
+    candidates = [n for n in _offloaded(plan, weights) if n not in on_device and n not in parked]
+    return max(candidates, key=lambda n: weights.bytes[n], default=None)
+
+
 def _offloaded(plan: "Plan", weights: "Weights") -> list[str]:
     return [n for n in weights.bytes if n not in plan.group_settings.exclude]
 
@@ -365,20 +394,14 @@ def _largest_group(plan: "Plan", weights: "Weights", name: str) -> int:
 
 def setup_host_bytes(plan: "Plan", weights: "Weights", copy_per_byte: dict[str, float], on_device: list[str]) -> float:
     """Host RAM when group offloading is applied: the pinned copies, made at once beside the weights they
-    copy, read from their files; a component's loaded weights stay mapped until its groups are all pinned,
-    so the largest whole component counts, not its largest file (measured on the H200: Flux.1-dev leaf
-    streams peaked at 70.1 GiB, the 46.9 GiB of pinned copies plus the 22.2 GiB transformer, whose
-    weights span three files). Writing the group files to disk holds the component mapped the same way (Flux:
-    23.2 GiB with the transformer's 22.2). Without streams, components already on the GPU moved to host memory."""
-    from .loading import quantized_at_load
-
+    copy, read from their files, plus ``mapped_setup_bytes``. Without streams, components already on the
+    GPU moved to host memory."""
     group = plan.group_settings
-    offloaded = _offloaded(plan, weights)
-    if group.offload_to_disk:  # read once to write the group files, the component mapped until all are written
-        return max((weights.bytes[n] for n in offloaded if n not in on_device), default=0)
+    whole = _mapped_whole(plan, weights, on_device)
+    mapped = float(weights.bytes[whole]) if whole is not None else 0.0
+    if group.offload_to_disk:
+        return mapped
     if group.use_stream and not group.low_cpu_mem_usage:
-        # staged loading parked its quantized components in host RAM already (strategies.loading counts them)
-        parked = set(quantized_at_load(plan, weights)) if plan.loading == "staged" else set()
-        mapped = max((weights.bytes[n] for n in offloaded if n not in on_device and n not in parked), default=0)
         return copy_per_byte["pinned"] * _pinned(plan, weights) + mapped
+    offloaded = _offloaded(plan, weights)
     return copy_per_byte[_host_term(group)] * sum(weights.bytes[n] for n in on_device if n in offloaded)
