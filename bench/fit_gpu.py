@@ -363,7 +363,7 @@ def main() -> None:
         ram_pairs = [(e.ram_load_bytes, r["peak_rss_load_bytes"]), (e.ram_run_bytes, r["peak_rss_run_bytes"])]
         ram_errors += [(p - q) / q for p, q in ram_pairs if q]
         if r.get("peak_held_load_bytes"):  # what the RAM budget is compared with: loading's RSS less mapped files
-            held.append((r["build"], r["plan_name"], e.ram_load_bytes - e.ram_load_mapped_bytes, r["peak_held_load_bytes"]))
+            held.append((r["build"], r["plan_name"], e.ram_load_held_bytes, r["peak_held_load_bytes"]))
         err = (e.vram_bytes - r["peak_vram_bytes"]) / r["peak_vram_bytes"]
         errors.append(err)
         measured_step = _steady_step(r)

@@ -164,7 +164,7 @@ def patch(result: PatchResult, console: Console, script: str) -> None:
 
 def _ram_cell(p) -> str:
     """'LOAD / RUN', with '+ MAPPED' where loading maps weight files the kernel can drop (not counted)."""
-    load = format_bytes(p.ram_load_bytes - p.ram_load_mapped_bytes)
+    load = format_bytes(p.ram_load_held_bytes)
     mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes else ""
     return f"{load}{mapped} / {format_bytes(p.ram_run_bytes)}"
 

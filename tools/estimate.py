@@ -155,16 +155,15 @@ class Estimate(BaseModel):
     basis: Basis = Field(description="measured: this family and kind of plan ran on a GPU; derived: from the code alone")
 
     @property
+    def ram_load_held_bytes(self) -> int:
+        """Loading's RSS peak less the weight files it maps while reading them once (file pages a machine
+        drops and reads again when memory is short)."""
+        return self.ram_load_bytes - self.ram_load_mapped_bytes
+
+    @property
     def ram_bytes(self) -> int:
-        """The RAM a machine must have: the larger of loading's peak without the mapped weight files
-        (``held_ram_bytes``) and running's."""
-        return held_ram_bytes(self.ram_load_bytes, self.ram_load_mapped_bytes, self.ram_run_bytes)
-
-
-def held_ram_bytes(load: int, load_mapped: int, run: int) -> int:
-    """The RAM a plan needs: loading's RSS peak less the weight files it maps while reading them once
-    (file pages a machine drops and reads again when memory is short), or running's peak if larger."""
-    return max(load - load_mapped, run)
+        """The RAM a machine must have: the larger of loading's held peak and running's."""
+        return max(self.ram_load_held_bytes, self.ram_run_bytes)
 
 
 def trace_for(m: PipelineMeasurement, w: Workload) -> "Trace":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, Field, ValidationError, computed_field
 
 from .errors import PipefitError, invalid_input
-from .estimate import Estimate, Workload, denoiser_of, estimate, held_ram_bytes, load_coefficients, signature, trace_for
+from .estimate import Estimate, Workload, denoiser_of, estimate, load_coefficients, signature, trace_for
 from .gpus import GpuProfile, gpu_profile
 from .measure import PipelineMeasurement, measure_components
 from .model_card import card_call
@@ -69,10 +69,12 @@ class Predicted(BaseModel):
     seconds: float = Field(description="one call at the workload, after the first")
     first_call_seconds: float = Field(description="the first call, compiling included")
 
+    ram_load_held_bytes = Estimate.ram_load_held_bytes  # one definition: the same fields as the estimate's
+
     @computed_field(description="the RAM the machine must have: what is compared with its RAM")
     @property
     def ram_bytes(self) -> int:
-        return held_ram_bytes(self.ram_load_bytes, self.ram_load_mapped_bytes, self.ram_run_bytes)
+        return max(self.ram_load_held_bytes, self.ram_run_bytes)
 
 
 class Option(BaseModel):
@@ -406,7 +408,7 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
     ram_need = e.ram_bytes
     if ram_need > machine.ram_bytes:
         limit = "the container's memory limit" if machine.ram_is_container_limit else "available RAM"
-        when = "while loading" if e.ram_load_bytes - e.ram_load_mapped_bytes >= e.ram_run_bytes else "while running"
+        when = "while loading" if e.ram_load_held_bytes >= e.ram_run_bytes else "while running"
         why = (
             " (quantizing or casting on the CPU passes every component through host RAM at full precision)"
             if when == "while loading" and (plan.quantize or plan.layerwise_casting) else ""
