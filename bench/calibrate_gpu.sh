@@ -21,8 +21,11 @@ case $family in
   wan22-5b) build=wan2.2-ti2v-5b dtype=bfloat16 timeout=240 workloads=(480x832x33) ;;
   *) echo "family: sdxl, flux, wan, chroma, ltx, cogvideox or wan22-5b" >&2; exit 2 ;;
 esac
-# ALLOC=expandable runs every plan with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (rows say which)
+# ALLOC=expandable runs every plan with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, ALLOC=default with
+# expandable_segments:False (the patched scripts' setdefault keeps either); unset, the plans' own setting runs
+# (rows say which in allocator_ran)
 [[ ${ALLOC:-} == expandable ]] && export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+[[ ${ALLOC:-} == default ]] && export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False
 # ORDER / WORKLOADS in the environment override the plan order and the workloads
 timeout=${TIMEOUT:-$timeout}
 [[ -n ${WORKLOADS:-} ]] && read -ra workloads <<<"$WORKLOADS"

@@ -110,7 +110,9 @@ def rows_for(result, name: str, plan: dict, workloads: list[dict], steps: int) -
         "process_peak_held_bytes": result.peak_held_bytes, "peak_held_load_bytes": result.peak_held_load_bytes,
         "peak_held_run_bytes": result.peak_held_run_bytes,
         "seconds_before_first_call": result.seconds_before_first_call, "vram_source": result.vram_source,
-        "vram_cap_bytes": result.vram_cap_bytes, "ram_cap_bytes": result.ram_cap_bytes, "log_path": result.log_path, "output_tail": None if result.outcome == "ok" else result.output_tail[-3000:],
+        "vram_cap_bytes": result.vram_cap_bytes, "ram_cap_bytes": result.ram_cap_bytes,
+        "log_path": result.log_path, "output_tail": None if result.outcome == "ok" else result.output_tail[-3000:],
+        "allocator_ran": result.allocator,  # what the patched script ran with (its setdefault, or ours)
     }  # fmt: skip
     warmup = result.calls[0] if result.calls else None
     rows = []

@@ -64,10 +64,24 @@ _HOST_LOADED_BEFORE = ("bnb_nf4", "torchao_int8wo", "torchao_fp8wo")
 _LOAD_FIELD_SINCE = "20261202"  # rows run since then load each backend its own way unless the plan says
 
 
+# since then patched scripts set expandable segments themselves (os.environ.setdefault) unless the plan says
+# "default": rows with the variable unset ran with it all the same
+_ALLOCATOR_FIELD_SINCE = "20261201-223633"
+
+
+def allocator_of(row: dict) -> str:
+    """The allocator a row really ran: what the trial reported (``allocator_ran``), else what the environment
+    set, else the plan's own where the patched script set it."""
+    ran = row.get("allocator_ran") or row.get("allocator") or "default"
+    when = re.search(r"/trials/(\d{8}-\d{6})-", row.get("log_path") or "")
+    if "allocator_ran" not in row and ran == "default" and when and when.group(1) >= _ALLOCATOR_FIELD_SINCE:
+        return row["plan"].get("allocator", "expandable_segments")
+    return "expandable_segments" if "expandable_segments:true" in ran.lower().replace(" ", "") else "default"
+
+
 def plan_of(row: dict):
     """The plan a row ran, as it ran: its allocator, and its loading path where the row predates the field."""
-    allocator = "expandable_segments" if "expandable" in (row.get("allocator") or "") else "default"
-    plan = {**row["plan"], "allocator": allocator}
+    plan = {**row["plan"], "allocator": allocator_of(row)}
     ran_on = re.search(r"/trials/(\d{8})-", row.get("log_path") or "")
     legacy = ran_on is None or ran_on.group(1) < _LOAD_FIELD_SINCE
     if legacy and "load" not in plan and (plan.get("quantize") or {}).get("backend") in _HOST_LOADED_BEFORE:
@@ -375,7 +389,7 @@ def main() -> None:
         if not r["plan"]:  # the plain plan: the rates alone
             step_errors.append((predicted_step - measured_step) / measured_step)
         label = "x".join(str(v) for k, v in r["workload"].items() if k != "steps" and v)
-        print(f"{r['build']:18s} {r['plan_name']:28s} {'exp' if 'expandable' in (r.get('allocator') or '') else 'def':5s} "
+        print(f"{r['build']:18s} {r['plan_name']:28s} {'exp' if allocator_of(r) == 'expandable_segments' else 'def':5s} "
               f"{label:12s} {e.vram_bytes / GiB:8.2f} {r['peak_vram_bytes'] / GiB:8.2f} {err:+6.1%} {e.peak_stage:12s} "
               f"{predicted_step:11.3f} {measured_step:6.3f} {e.seconds:11.2f} {r['seconds']:6.2f}"
               f" {e.ram_load_bytes / GiB:8.2f} {(r['peak_rss_load_bytes'] or 0) / GiB:6.2f}"

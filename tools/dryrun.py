@@ -40,7 +40,7 @@ from .errors import PipefitError
 from .model_source import PipelineSource, resolve_pipeline
 from .sizes import module_bytes
 
-_SCHEMA = 6
+_SCHEMA = 7
 _MODULE_DEPTH = 3  # submodules recorded per looped component: blocks.N.attn deep (what step caches hook)
 _SHADOW_NUMEL = 1 << 14  # tensors up to this size get a CPU twin (masks, ids, timesteps)
 _STAND_IN_NUMEL = 1 << 24  # an op with a value-dependent shape runs on CPU stand-ins up to this size (text states)
@@ -74,6 +74,9 @@ class ComponentCall(BaseModel):
         None, description="the component's weights when it ran: more than measured where the pipeline upcast it "
         "(SDXL's float16 VAE decodes in float32)",
     )
+    events: tuple[int, int] | None = Field(
+        None, description="the call's span [start, end) in the trace's allocation events (a replayed step: its outputs)"
+    )
 
 
 class ModuleCost(BaseModel):
@@ -100,6 +103,24 @@ class Trace(BaseModel):
         description="component -> its submodules up to blocks.N.attn deep, on the component's first call in the loop",
     )
     offload_sequence: list[str] = Field(default_factory=list, description="the pipeline's model_cpu_offload_seq")
+    allocations: list[int] = Field(
+        default_factory=list,
+        description="every device allocation of the run in order, up to the first decode's end: n > 0 allocates n "
+        "bytes (the next id, from 0), n < 0 frees id -n - 1 (tools/strategies/allocator.py replays them)",
+    )
+    workspaces: list[tuple[int, str, int]] = Field(
+        default_factory=list,
+        description="(position in ``allocations``, kind, input + output bytes) of each convolution: cuDNN's "
+        "workspace is allocated there and freed at once, its size per byte the GPU's",
+    )
+    weight_tensors: dict[str, list[int]] = Field(
+        default_factory=dict, description="component -> the bytes of each parameter and buffer, as loaded"
+    )
+    weight_uses: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="(position in ``allocations``, bytes) of each weight a matmul read: where a quantized layer "
+        "is dequantized to a full-precision copy for that matmul and freed after it",
+    )
     exclude_from_offload: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     seconds: float = 0.0
@@ -201,11 +222,16 @@ def _run(source: PipelineSource, dtype: str, workload: dict) -> Trace:
         warnings.append(f"The dry run stopped in {type(exc).__name__}: {str(exc)[:200]} (ran: {ran}).")
     finally:
         recorder.unwrap()
+    end = max((c.events[1] for c in recorder.calls if c.events), default=0)  # what ran after is not the run's
     trace = Trace(
         pipeline_class=type(pipe).__name__, dtype=dtype, call_kwargs={k: v for k, v in kwargs.items() if k != "prompt"},
         steps_run=workload["steps"], calls=recorder.calls, warnings=warnings, module_costs=recorder.module_costs,
         offload_sequence=[n for n in (pipe.model_cpu_offload_seq or "").split("->") if n],
         exclude_from_offload=list(getattr(pipe, "_exclude_from_cpu_offload", []) or []),
+        allocations=live.events[:end], workspaces=[w for w in live.workspaces if w[0] <= end],
+        weight_uses=[w for w in live.weight_uses if w[0] <= end],
+        weight_tensors={name: [t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers())]
+                        for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)},
     )  # fmt: skip
     decode = next((c for c in recorder.calls if c.method == "decode"), None)
     if vae is not None and decode is not None and "latents" in decode.inputs:
@@ -390,13 +416,17 @@ class _Recorder:
                 # the same call at the same shapes, a later step: its record again, without running it
                 first, skeleton = recorder.seen[key]
                 shift = held - first.held_bytes
+                start = len(live.events)
+                out = _rebuild(skeleton)
                 recorder.calls.append(first.model_copy(update={
                     "step": recorder.loop.step, "held_bytes": held, "peak_bytes": first.peak_bytes + shift,
                     "convs": {k: [(l + shift, n) for l, n in v] for k, v in first.convs.items()},
+                    "events": (start, len(live.events)),
                 }))  # fmt: skip
                 live.convs = outer_convs
-                return _rebuild(skeleton)
+                return out
             live.peak, outer_largest, live.largest = held, live.largest, 0
+            start = len(live.events)
             recorder.depth += 1
             try:
                 out = original(*args, **kwargs)
@@ -406,7 +436,7 @@ class _Recorder:
                 component=name, method=method, step=recorder.loop.step, held_bytes=held, peak_bytes=live.peak,
                 weight_bytes=module_bytes(module),
                 flops=live.flops - flops, conv_flops=live.conv_flops - conv_flops, attention_flops=attention.flops - attn,
-                convs=live.convs, inputs=shapes, largest_bytes=live.largest,
+                convs=live.convs, inputs=shapes, largest_bytes=live.largest, events=(start, len(live.events)),
             )  # fmt: skip
             live.largest = max(outer_largest, live.largest)
             for kind, points in call.convs.items():
@@ -572,6 +602,11 @@ class _LiveBytes:
         self.convs: dict[str, list[tuple[int, int]]] = {}  # (live, input + output bytes) by kind: a frontier
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, int] = {}
+        self.events: list[int] = []  # Trace.allocations
+        self.workspaces: list[tuple[int, str, int]] = []  # Trace.workspaces
+        self.weight_uses: list[tuple[int, int]] = []  # Trace.weight_uses
+        self._ids: dict[int, int] = {}  # storage -> its allocation's id
+        self._allocated = 0
         self._shadows: weakref.WeakKeyDictionary | None = None
         outer = self
 
@@ -623,6 +658,10 @@ class _LiveBytes:
             self.conv_flops += counted if conv else 0
         flat_in, _ = tree_flatten((args, kwargs))
         inputs = {t.untyped_storage()._cdata for t in flat_in if isinstance(t, torch.Tensor) and t.is_meta}
+        if packet in _MATMULS:  # a weight the run did not create: a parameter (quantized ones dequantize here)
+            for t in flat_in:
+                if isinstance(t, torch.Tensor) and t.is_meta and t.untyped_storage()._cdata not in self._sizes:
+                    self.weight_uses.append((len(self.events), t.untyped_storage().nbytes()))
         flat_out, _ = tree_flatten(out)
         for t in flat_out:
             if isinstance(t, torch.Tensor) and t.is_meta:
@@ -632,6 +671,7 @@ class _LiveBytes:
             # cuDNN picks other algorithms (and workspaces) for float32 than for half precision
             kind = f"{args[1].dim() - 2}d" + ("_float32" if args[0].dtype == torch.float32 else "")
             _frontier(self.convs.setdefault(kind, []), (self.current, size))
+            self.workspaces.append((len(self.events), kind, size))
         self._shadow(func, args, kwargs, flat_in, flat_out, out, tree_map)
         return out
 
@@ -667,6 +707,10 @@ class _LiveBytes:
         else:
             size = tensor.untyped_storage().nbytes()
             self._sizes[key], self._refs[key] = size, 1
+            if size:  # an empty tensor allocates nothing
+                self._ids[key] = self._allocated
+                self._allocated += 1
+                self.events.append(size)
             self.current += size
             self.peak = max(self.peak, self.current)
             self.largest = max(self.largest, size)
@@ -677,6 +721,8 @@ class _LiveBytes:
         if not self._refs[key]:
             self.current -= self._sizes.pop(key)
             del self._refs[key]
+            if key in self._ids:
+                self.events.append(-self._ids.pop(key) - 1)
 
     def _shadow(self, func, args, kwargs, flat_in, flat_out, out, tree_map) -> None:
         """Run the op on CPU twins when every meta input is small and has one."""
@@ -713,6 +759,26 @@ class _LiveBytes:
         for meta, shadow in zip(outs, results):
             if shadow.shape == meta.shape:
                 self._shadows[meta] = shadow
+
+
+def _matmul_packets() -> set:
+    import torch
+
+    return {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
+
+
+class _Matmuls:
+    """The matmul operator packets, built once torch is imported (``packet in _MATMULS``)."""
+
+    _packets: set | None = None
+
+    def __contains__(self, packet) -> bool:
+        if _Matmuls._packets is None:
+            _Matmuls._packets = _matmul_packets()
+        return packet in _Matmuls._packets
+
+
+_MATMULS = _Matmuls()
 
 
 def _frontier(points: list, point: tuple[int, int], keep: int = 16) -> None:

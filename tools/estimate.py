@@ -37,7 +37,10 @@ from .plan import Plan
 from .strategies import (
     Rates,
     Weights,
+    allocator,
+    cache_emptied,
     host_bytes,
+    onloaded_tensors,
     layerwise_casting,
     loading,
     mapped_setup_bytes,
@@ -47,6 +50,7 @@ from .strategies import (
     transfer_seconds,
 )
 from .strategies import cache as step_cache
+from .strategies import quantize
 
 if TYPE_CHECKING:
     from .dryrun import ComponentCall, Trace
@@ -135,6 +139,7 @@ class StagePeak(BaseModel):
     call: str = Field(description="which call: 'text_encoder', 'transformer step 0', 'vae decode' ...")
     resident_bytes: int
     working_bytes: int
+    kept_bytes: int = Field(0, description="what the allocator reserves beyond the live tensors (freed blocks it keeps)")
 
 
 class Estimate(BaseModel):
@@ -150,6 +155,7 @@ class Estimate(BaseModel):
     peak_call: int | None = Field(description="the peak's index in the dry run's calls; None: loading")
     peak_resident_bytes: int
     peak_working_bytes: int
+    peak_kept_bytes: int = Field(0, description="the peak call's reserved memory beyond its live tensors and weights")
     stages: list[StagePeak] = Field(description="the largest call of each component and method, and loading")
     allocator: Literal["expandable_segments", "default"]
     basis: Basis = Field(description="measured: this family and kind of plan ran on a GPU; derived: from the code alone")
@@ -202,24 +208,23 @@ def estimate(
     on_device = [on + _upcast(plan, call, m) + (held if i >= first else 0)
                  for i, (call, on) in enumerate(zip(trace.calls, resident(plan, trace, weights)))]  # fmt: skip
     memo = {} if memo is None else memo
-    # (stage, label, resident, working) per call, then the loading stage: plain tuples, as recommend asks for
-    # hundreds of plans of tens of calls each; the models are made for the largest call of each stage only
-    entries = [(call.component, i, on, int(_working(plan, i, call, trace, weights, profile, memo)))
-               for i, (call, on) in enumerate(zip(trace.calls, on_device))]  # fmt: skip
+    # (stage, label, resident, working, kept) per call, then the loading stage: plain tuples, as recommend asks
+    # for hundreds of plans of tens of calls each; the models are made for the largest call of each stage only
+    kept = _allocator_kept(plan, trace, weights, profile, memo)
+    entries = [(call.component, i, on, work, kept(i, call, on, work))
+               for i, (call, on) in enumerate(zip(trace.calls, on_device))
+               for work in (int(_working(plan, i, call, trace, weights, profile, memo)),)]  # fmt: skip
     if not entries:  # nothing traced: the weights alone, as a floor
-        entries = [("load", -1, weights.total, 0)]
+        entries = [("load", -1, weights.total, 0, 0)]
     at_load, layer = loading.device_bytes_at_load(plan, weights)
     if at_load:  # quantized on the GPU while loading, before the placement moves anything
-        entries.append(("load", -1, at_load, layer))
-    index = max(range(len(entries)), key=lambda j: entries[j][2] + entries[j][3])
-    _, peak_call, peak_resident, peak_working = entries[index]
-    allocated = peak_resident + peak_working
-    # freed activation blocks the allocator keeps mapped; the caching allocator also keeps group buffers
-    extra = profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, peak_call)) * peak_working
-    if plan.allocator == "default" and plan.grouped:
+        entries.append(("load", -1, at_load, layer, 0))
+    index = max(range(len(entries)), key=lambda j: sum(entries[j][2:]))
+    _, peak_call, peak_resident, peak_working, peak_kept = entries[index]
+    extra = layerwise_casting.kept_bytes(plan, m, profile.cast_kept_per_byte)
+    if plan.allocator == "default" and plan.grouped:  # the caching allocator keeps freed group buffers too
         extra += profile.cached_per_offloaded_byte * weights.total
-    extra += layerwise_casting.kept_bytes(plan, m, profile.cast_kept_per_byte)
-    vram = int(profile.context_bytes + allocated + extra)
+    vram = int(profile.context_bytes + peak_resident + peak_working + peak_kept + extra)
 
     ram = host_ram(plan, weights, k, w.output_bytes())
 
@@ -251,21 +256,50 @@ def estimate(
         vram_bytes=vram, ram_load_bytes=int(ram.load), ram_load_mapped_bytes=int(ram.load_mapped), ram_run_bytes=int(ram.run), seconds=round(seconds, 3),
         first_call_seconds=round(seconds + compiling, 3),
         peak_stage=entries[index][0], peak_call=peak_call if peak_call >= 0 else None, peak_resident_bytes=peak_resident,
-        peak_working_bytes=peak_working, stages=_largest_per_stage(entries, trace), allocator=plan.allocator,
+        peak_working_bytes=peak_working, peak_kept_bytes=peak_kept, stages=_largest_per_stage(entries, trace), allocator=plan.allocator,
         basis="measured" if measured else "derived",
     )  # fmt: skip
 
 
-def _largest_per_stage(entries: list[tuple[str, int, int, int]], trace: "Trace") -> list[StagePeak]:
+def _largest_per_stage(entries: list[tuple[str, int, int, int, int]], trace: "Trace") -> list[StagePeak]:
     """The largest call of each component and method (and the loading stage), in call order."""
-    largest: dict[tuple[str, str], tuple[str, int, int, int]] = {}
+    largest: dict[tuple[str, str], tuple[str, int, int, int, int]] = {}
     for entry in entries:
-        stage, i, on, work = entry
+        stage, i = entry[:2]
         key = (stage, trace.calls[i].method if i >= 0 else "load")
-        if key not in largest or on + work > largest[key][2] + largest[key][3]:
+        if key not in largest or sum(entry[2:]) > sum(largest[key][2:]):
             largest[key] = entry
-    return [StagePeak(stage=stage, call=_label(trace.calls[i]) if i >= 0 else "loading", resident_bytes=on, working_bytes=work)
-            for stage, i, on, work in largest.values()]  # fmt: skip
+    return [StagePeak(stage=stage, call=_label(trace.calls[i]) if i >= 0 else "loading", resident_bytes=on,
+                      working_bytes=work, kept_bytes=kept) for stage, i, on, work, kept in largest.values()]  # fmt: skip
+
+
+def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuProfile, memo: dict):
+    """``kept(index, call, resident, working)``: what the allocator reserves during a call beyond its live
+    tensors and the weights. From the dry run's allocations replayed under the plan's allocator
+    (strategies.allocator): the run's blocks as the allocator lays them out, the freed ones earlier calls left
+    cached, the cache emptied where the placement empties it, and the weights' own rounding. A decode the plan
+    runs on another path (tiled, sliced) was not replayed: there, and for traces without allocations, the
+    GPU's fragmentation share of the call's working memory."""
+    emptied = cache_emptied(plan, trace, weights)
+    onloads = onloaded_tensors(plan, trace, weights)
+    dequantized = quantize.dequantized_for_matmuls(plan) if trace.weight_uses else frozenset()
+    key = ("pool", plan.allocator, emptied, tuple((i, tuple(v)) for i, v in sorted(onloads.items())), dequantized)
+    if key not in memo:
+        replayed = bool(trace.allocations)
+        memo[key] = (allocator.pool_reserved(trace, plan, profile.conv_workspace_per_byte, emptied, onloads, dequantized)
+                     if replayed else None, allocator.weights_reserved_per_byte(trace, plan))  # fmt: skip
+    pool, per_weight_byte = memo[key]
+
+    def kept(index: int, call: "ComponentCall", resident: int, working: int) -> int:
+        rounding = int((per_weight_byte - 1.0) * resident)
+        if pool is None or call.events is None or _decode_run(plan, call, trace) is not call:
+            return rounding + int(profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, index)) * working)
+        # the working memory counts one converted layer at full precision; the replay has each dequantized copy
+        converted = weights.converted_layer(plan, call.component) if call.component in plan.converted and call.component in weights.bytes else 0
+        replayed_copy = converted if call.component in dequantized else 0
+        return rounding + max(0, pool[index] + converted - replayed_copy - working - sum(onloads.get(index, ())))
+
+    return kept
 
 
 def conv_kind(calls: list["ComponentCall"], index: int | None) -> str:

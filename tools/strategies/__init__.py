@@ -55,10 +55,12 @@ class Weights:
 
     bytes: dict[str, int]
     measured: "PipelineMeasurement" = field(repr=False)
+    measured_backend: dict[str, str] = field(default_factory=dict, repr=False)  # quantized component -> sizes' backend
 
     @classmethod
     def of(cls, plan: "Plan", m: "PipelineMeasurement") -> "Weights":
-        return cls({n: device_bytes(plan, n, c) for n, c in m.components.items() if c.bytes}, m)
+        backend = {n: _measured_as(plan.quantize.backend) for n in plan.quantize.components} if plan.quantize else {}
+        return cls({n: device_bytes(plan, n, c) for n, c in m.components.items() if c.bytes}, m, backend)
 
     @property
     def total(self) -> int:
@@ -67,19 +69,32 @@ class Weights:
     def _scale(self, name: str) -> float:
         return self.bytes[name] / max(self.measured.components[name].bytes or 1, 1)
 
+    def _largest_kept(self, name: str) -> bool:
+        """Whether the plan's quantization leaves ``name``'s largest layer as it is: larger than any layer the
+        backend converts (an embedding: bitsandbytes and torchao convert Linear layers only)."""
+        plan_backend = self.measured_backend.get(name)
+        comp = self.measured.components[name]
+        converted = (comp.largest_quantized_layer_bytes or {}).get(plan_backend) if plan_backend else None
+        return converted is not None and (comp.largest_leaf_bytes or 0) > converted
+
     def largest_leaf(self, name: str) -> int:
         """The largest layer of ``name`` as stored under the plan."""
         if name not in self.bytes:
             return 0
-        return int((self.measured.components[name].largest_leaf_bytes or 0) * self._scale(name))
+        largest = self.measured.components[name].largest_leaf_bytes or 0
+        return largest if self._largest_kept(name) else int(largest * self._scale(name))
 
     def leaf_pair(self, name: str) -> int:
         """The two largest layers of ``name`` as stored under the plan (group_offload.leaf_pair_bytes); twice
-        the largest where the measurement predates the field."""
+        the largest where the measurement predates the field. A largest layer the quantization leaves alone
+        (UMT5's shared embedding under torchao) keeps its size; the other shrinks with the component."""
         if name not in self.bytes:
             return 0
         comp = self.measured.components[name]
-        pair = comp.leaf_pair_bytes if comp.leaf_pair_bytes is not None else 2 * (comp.largest_leaf_bytes or 0)
+        largest = comp.largest_leaf_bytes or 0
+        pair = comp.leaf_pair_bytes if comp.leaf_pair_bytes is not None else 2 * largest
+        if self._largest_kept(name):
+            return int(largest + (pair - largest) * self._scale(name))
         return int(pair * self._scale(name))
 
     def converted_layer(self, plan: "Plan", name: str) -> int:
@@ -121,6 +136,16 @@ def _measured_as(backend: str) -> str:
 def resident(plan: "Plan", trace: "Trace", weights: Weights) -> list[int]:
     """Weight bytes on the device during each call of ``trace``, by the plan's placement module."""
     return plan.placement_module().resident(plan, trace, weights)
+
+
+def cache_emptied(plan: "Plan", trace: "Trace", weights: Weights) -> frozenset[int]:
+    """The calls before which the plan's placement empties the allocator's cache, by its module."""
+    return plan.placement_module().cache_emptied(plan, trace, weights)
+
+
+def onloaded_tensors(plan: "Plan", trace: "Trace", weights: Weights) -> dict[int, list[int]]:
+    """The weight tensors the placement brings into the allocator's pool during each call, by its module."""
+    return plan.placement_module().onloaded_tensors(plan, trace, weights)
 
 
 @dataclass(frozen=True)

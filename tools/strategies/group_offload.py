@@ -269,6 +269,37 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
     return out
 
 
+def cache_emptied(plan: "Plan", trace: "Trace", weights: "Weights") -> frozenset[int]:
+    """None: group offloading's hooks never empty the allocator's cache."""
+    return frozenset()
+
+
+def onloaded_tensors(plan: "Plan", trace: "Trace", weights: "Weights") -> dict[int, list[int]]:
+    """The weight tensors each call brings into the main stream's allocator pool and frees when it is done
+    (for strategies.allocator): block level without streams moves a component with no block list (a T5 or
+    CLIP encoder) as one group, all its tensors at once, which stay cached once freed; a block list's group,
+    its largest tensors up to one group's bytes. Leaf level moves one layer at a time (a few small blocks),
+    and streams copy on a side stream whose pool the main stream does not use: neither is replayed."""
+    group = plan.group_settings
+    if plan.offload != "group_block" or group.use_stream:
+        return {}
+    out = {}
+    for i, call in enumerate(trace.calls):
+        name = call.component
+        sizes = trace.weight_tensors.get(name)
+        if name in group.exclude or name not in weights.bytes or not sizes:
+            continue
+        scale = weights.bytes[name] / max(sum(sizes), 1)  # quantized or cast: the same tensors, smaller
+        budget, chosen = weights.block_peak(name, _block_key(group)), []
+        for size in sorted(sizes, reverse=True):
+            if budget <= 0:
+                break
+            chosen.append(int(size * scale))
+            budget -= chosen[-1]
+        out[i] = chosen
+    return out
+
+
 def _block_key(group) -> str:
     """Which measured block-level peak a group setting reads: one block per group plus the prefetched
     one with streams, else the blocks per group."""

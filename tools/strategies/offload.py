@@ -73,6 +73,29 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
     return out
 
 
+def cache_emptied(plan: "Plan", trace: "Trace", weights: "Weights") -> frozenset[int]:
+    """The calls before which the allocator's cache is emptied: model offload's hook, moving the previous
+    component of the sequence back to the CPU, then calls ``torch.cuda.empty_cache()`` (accelerate's
+    ``CpuOffload.pre_forward``). Sequential offload and plain placement never empty it."""
+    if plan.offload != "model":
+        return frozenset()
+    chain = [name for name in trace.offload_sequence if name in weights.bytes]
+    previous = {name: chain[i - 1] for i, name in enumerate(chain) if i}
+    on, emptied = set(trace.exclude_from_offload), set()
+    for i, call in enumerate(trace.calls):
+        if previous.get(call.component) in on:
+            on.discard(previous[call.component])
+            emptied.add(i)
+        on.add(call.component)
+    return frozenset(emptied)
+
+
+def onloaded_tensors(plan: "Plan", trace: "Trace", weights: "Weights") -> dict[int, list[int]]:
+    """None replayed: whole models are moved between empties of the cache (model offload), stay (none), or
+    move a layer at a time (sequential); their bytes are the resident weights."""
+    return {}
+
+
 def transfer_seconds(plan: "Plan", trace: "Trace", weights: "Weights", rates: "Rates", steps: int, step_seconds: float) -> float:
     """Model offload moves each component on and off once per call; sequential offload streams every
     layer of the denoiser each step, waiting for each copy (from pageable memory)."""

@@ -73,6 +73,21 @@ BACKENDS: dict[str, QuantBackend] = {
 }
 
 
+# Backends whose matmul reads a full-precision copy of the weight, made for the call and freed after it:
+# bitsandbytes' 4-bit dequantizes the weight to the compute dtype; torchao's weight-only configs upcast it.
+# LLM.int8 multiplies in int8 and torchao's fp8 dynamic activation in fp8 (their temporaries are the
+# activation's, in the dry run's own allocations already).
+_DEQUANTIZE_FOR_MATMUL = ("bnb_nf4", "torchao_int8wo", "torchao_fp8wo")
+
+
+def dequantized_for_matmuls(plan: "Plan") -> frozenset[str]:
+    """The components whose every matmul allocates a full-precision copy of its weight under the plan's
+    quantization (strategies.allocator replays those copies)."""
+    if plan.quantize is None or plan.quantize.backend not in _DEQUANTIZE_FOR_MATMUL:
+        return frozenset()
+    return frozenset(plan.quantize.components)
+
+
 def converted_linears(model: "torch.nn.Module", library: Library, backend: str) -> list[tuple[str, "torch.nn.Linear"]]:
     """The (name, module) pairs of the layers ``backend`` replaces when loading ``model``."""
     import torch
