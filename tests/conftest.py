@@ -18,6 +18,14 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """One pipefit cache for the whole session's full-size built-ins: their measurements and dry runs are the
+    same answer in every module that asks, so each is computed once (the first asker runs it; the tests of
+    caching itself keep their own folder)."""
+    return tmp_path_factory.mktemp("builtin-cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{kind: folder} of the tiny Flux/SDXL/Wan pipelines saved with weights (built once per session)."""
     import tiny_pipelines

@@ -3,11 +3,11 @@ run's allocations. Checked against the GPU's own allocator on recorded replays, 
 on the allocation streams of real dry runs."""
 
 import json
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from pipefit.tools.dryrun import trace_pipeline
 from pipefit.tools.plan import Plan
 from pipefit.tools.strategies.allocator import CachingAllocator, pool_reserved
@@ -81,7 +81,7 @@ def test_a_dry_runs_allocations_replay_consistently(tiny_dirs):
         else:
             assert -event - 1 < allocated
     spans = [c.events for c in trace.calls]
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a[1] <= b[0] for a, b in pairwise(spans))
     for allocator in ("expandable_segments", "default"):
         pool = pool_reserved(trace, Plan(allocator=allocator), {}, frozenset())
         assert all(reserved >= call.peak_bytes for reserved, call in zip(pool, trace.calls))

@@ -57,7 +57,7 @@ def test_every_calibration_plan_passes_the_rules():
             assert not errors, (family, name, errors)
 
 
-def test_fit_gpu_fits_the_gpu_constants_and_prints_every_run(tmp_path):
+def test_fit_gpu_fits_the_gpu_constants_and_prints_every_run(tmp_path, builtin_cache):
     """bench/fit_gpu.py on two families' rows (image ones: their dry runs are quick): the constants it
     fits and one line per run."""
     rows = [line for line in (ROOT / "bench" / "results" / "strategies-h200.jsonl").read_text().splitlines()
@@ -66,7 +66,7 @@ def test_fit_gpu_fits_the_gpu_constants_and_prints_every_run(tmp_path):
     runs.write_text("\n".join(rows) + "\n")
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "fit_gpu.py"), "--runs", str(runs)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PIPEFIT_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PIPEFIT_CACHE_DIR": str(builtin_cache)},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "context_bytes" in run.stdout and "fragmentation" in run.stdout

@@ -24,9 +24,15 @@ RUNS = ROOT / "bench" / "results" / "strategies-h200.jsonl"
 NF4 = {"quantize": {"backend": "bnb_nf4", "components": ["transformer", "text_encoder_2"]}, "offload": "model"}
 
 
+@pytest.fixture(autouse=True)
+def _shared_cache(builtin_cache, monkeypatch):
+    # the full-size built-ins' measurements and dry runs: once per session (conftest.builtin_cache)
+    monkeypatch.setenv("PIPEFIT_CACHE_DIR", str(builtin_cache))
+
+
 @pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    os.environ["PIPEFIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+def flux(builtin_cache):
+    os.environ["PIPEFIT_CACHE_DIR"] = str(builtin_cache)
     return measure_components("builtin:flux1-dev")
 
 

@@ -40,17 +40,17 @@ from .strategies import (
     allocator,
     cache_emptied,
     host_bytes,
-    onloaded_tensors,
     layerwise_casting,
     loading,
     mapped_setup_bytes,
+    onloaded_tensors,
+    quantize,
     resident,
     setup_host_bytes,
     torch_compile,
     transfer_seconds,
 )
 from .strategies import cache as step_cache
-from .strategies import quantize
 
 if TYPE_CHECKING:
     from .dryrun import ComponentCall, Trace
@@ -286,7 +286,7 @@ def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuPr
     key = ("pool", plan.allocator, emptied, tuple((i, tuple(v)) for i, v in sorted(onloads.items())), dequantized)
     if key not in memo:
         replayed = bool(trace.allocations)
-        memo[key] = (allocator.pool_reserved(trace, plan, profile.conv_workspace_per_byte, emptied, onloads, dequantized)
+        memo[key] = (allocator.cached_pool_reserved(trace, plan, profile.conv_workspace_per_byte, emptied, onloads, dequantized)
                      if replayed else None, allocator.weights_reserved_per_byte(trace, plan))  # fmt: skip
     pool, per_weight_byte = memo[key]
 

@@ -61,7 +61,7 @@ _ROUND_LARGE = 2 << 20
 
 
 class _Block:
-    __slots__ = ("address", "size", "small", "free", "prev", "next")
+    __slots__ = ("address", "free", "next", "prev", "size", "small")
 
     def __init__(self, address: int, size: int, small: bool):
         self.address, self.size, self.small, self.free = address, size, small, True
@@ -208,10 +208,10 @@ def pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, fl
         if index in emptied:
             allocator.empty_cache()
         weights = [allocator.malloc(size) for size in (onloads or {}).get(index, ())]
-        for position in range(position, call.events[1]):
-            for size in transients.get(position, ()):
+        for at in range(position, call.events[1]):
+            for size in transients.get(at, ()):
                 allocator.free(allocator.malloc(size))
-            event = events[position]
+            event = events[at]
             if event > 0:
                 blocks.append(allocator.malloc(event))
             else:
@@ -220,6 +220,40 @@ def pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, fl
         out.append(allocator.reserved)
         for block in weights:
             allocator.free(block)
+    return out
+
+
+_REPLAYED: dict[str, list[int]] = {}  # this process's replays, by cached_pool_reserved's key
+
+
+def cached_pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, float], emptied: frozenset[int],
+                         onloads: dict[int, list[int]], dequantized: frozenset[str]) -> list[int]:  # fmt: skip
+    """``pool_reserved``, kept per trace and arguments in this process and on disk beside the traces (a
+    recommendation replays a few tens of variants of a run of tens of thousands of allocations)."""
+    import hashlib
+    import json
+    from array import array
+
+    from ..measure import cache_dir
+
+    digest = hashlib.sha256(array("q", trace.allocations).tobytes())
+    digest.update(json.dumps([plan.allocator, sorted(workspace_per_byte.items()), sorted(emptied),
+                              sorted(onloads.items()), sorted(dequantized), trace.workspaces, trace.weight_uses,
+                              [c.events for c in trace.calls]]).encode())  # fmt: skip
+    key = digest.hexdigest()[:32]
+    if key in _REPLAYED:
+        return _REPLAYED[key]
+    path = cache_dir() / "replay" / f"{key}.json"
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError):
+        out = pool_reserved(trace, plan, workspace_per_byte, emptied, onloads, dequantized)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out))
+        except OSError:
+            pass  # a read-only cache: replay again next time
+    _REPLAYED[key] = out
     return out
 
 
