@@ -139,19 +139,6 @@ def fit(runs: list[dict]) -> dict:
             excess = r["peak_torch_reserved_bytes"] - r["peak_torch_allocated_bytes"] - frag * max(working, 0)
             cast = layerwise_casting.kept_bytes(plan, m, 1.0)
             cast_kept = max(cast_kept, excess / cast) if cast else cast_kept
-    # the default allocator under group offloading: freed group buffers it keeps, per byte offloaded, as the
-    # largest excess any such run showed over the same plan predicted without them
-    cached = 0.0
-    uncached = gpu_profile(None).model_copy(update={"context_bytes": float(context), "conv_workspace_per_byte": workspace,
-                                                    "fragmentation": fragmentation, "cached_per_offloaded_byte": 0.0,
-                                                    "cast_kept_per_byte": cast_kept})  # fmt: skip
-    for r in runs:
-        plan = plan_of(r)
-        if plan.allocator == "default" and plan.grouped:
-            m = _measured(r)
-            e = estimate(plan, m, workload_of(r), gpu=uncached)
-            offloaded = sum(c.bytes or 0 for n, c in m.components.items() if n not in plan.group_settings.exclude)
-            cached = max(cached, (r["peak_vram_bytes"] - e.vram_bytes) / offloaded)
     # rates, from the plain plans (everything on the GPU, nothing moved), in two steps: the denoiser's
     # steady step times against its matmul and attention FLOPs (transformers: no convolutions), then
     # what the rest of the call took against the convolutions left (the VAE decode, UNets)
@@ -178,7 +165,7 @@ def fit(runs: list[dict]) -> dict:
     conv_s = rest_seconds / rest_conv if rest_conv else mm_s
     return {
         "context_bytes": float(context), "conv_workspace_per_byte": workspace, "fragmentation": fragmentation,
-        "cached_per_offloaded_byte": round(cached, 4), "cast_kept_per_byte": round(cast_kept, 4),
+        "cast_kept_per_byte": round(cast_kept, 4),
         "matmul_flops_per_s": 1 / mm_s, "conv_flops_per_s": 1 / conv_s, "attention_flops_per_s": 1 / attn_s,
         "call_overhead_seconds": min(overhead, 0.05),
     }  # fmt: skip
@@ -406,7 +393,14 @@ def main() -> None:
             measured.setdefault(r["model"], set()).add(signature(plan_of(r)))
         calibration["measured"] = {k: sorted(v) for k, v in sorted(measured.items())}
         # kept free: measured = predicted x (1 + margin) at the worst under-prediction seen
-        calibration["margin_fraction"] = round(max(0.05, 1 / (1 + min(errors)) - 1) + 0.0005, 4)
+        def margin(errs: list[float]) -> float:
+            return round(max(0.05, 1 / (1 + min(errs)) - 1) + 0.0005, 4)
+
+        by_allocator = {}
+        for r, err in zip(runs, errors):
+            by_allocator.setdefault(allocator_of(r), []).append(err)
+        calibration["margin_fraction"] = margin(by_allocator.get("expandable_segments", errors))
+        calibration["margin_fraction_by_allocator"] = {a: margin(e) for a, e in sorted(by_allocator.items())}
         CALIBRATION.write_text(json.dumps(calibration, indent=1) + "\n")
     within = sum(abs(x) <= 0.10 for x in errors)
     print(f"\npeak VRAM: {within}/{len(errors)} within 10%; worst under {min(errors):+.1%}, worst over {max(errors):+.1%}")

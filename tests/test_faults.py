@@ -24,6 +24,7 @@ from pathlib import Path
 
 import anyio
 import psutil
+import pytest
 from mcp import Client, StdioServerParameters
 from processes import alive
 
@@ -196,6 +197,7 @@ def test_every_fault_through_mcp_over_stdio(tmp_path):
     assert ran >= 80 and not problems, "\n".join(problems)
 
 
+@pytest.mark.slow  # the same faults and tools as over stdio; HTTP itself: test_mcp_server.test_http_server_on_localhost
 def test_every_fault_through_mcp_over_http(tmp_path):
     ws, out = _workspace(tmp_path)
     with socket.socket() as s:

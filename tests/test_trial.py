@@ -101,7 +101,9 @@ def test_the_scripts_own_step_callback_still_runs(tiny_dirs):
 # ---- the ways a run ends --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["load", "text_encode", "denoise", "vae_decode"])
+# every stage's placement is also checked on recorded events (test_trial_report.py); two real runs by default
+@pytest.mark.parametrize("stage", ["load", pytest.param("text_encode", marks=pytest.mark.slow), "denoise",
+                                   pytest.param("vae_decode", marks=pytest.mark.slow)])  # fmt: skip
 def test_cuda_oom_is_classified_with_its_numbers_and_stage(tiny_dirs, stage):
     result = trial("oom_at.py", tiny_dirs["flux"], stage)
     assert result.outcome == "cuda_oom" and result.exit_code == 1

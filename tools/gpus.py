@@ -32,11 +32,6 @@ class GpuProfile(BaseModel):
         "(expandable_segments, default) and by the convolutions the call runs ('expandable_segments:3d'): freed "
         "activation blocks the allocator keeps mapped"
     )
-    cached_per_offloaded_byte: float = Field(
-        0.0,
-        description="default allocator under group offloading: freed group buffers it keeps, per byte offloaded "
-        "(bench/fit_gpu.py: the largest excess over the plan predicted without them)",
-    )
     cast_kept_per_byte: float = Field(
         0.0,
         description="layerwise casting: freed upcast copies the allocator keeps mapped, per byte of the cast "

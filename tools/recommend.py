@@ -172,9 +172,12 @@ def recommend(
         from_card = {}
     profile = gpu_profile(machine.gpu)
     k = load_coefficients()
-    margin = int(k.margin_fraction * machine.vram_bytes)
     target = _target(measured, machine)
     given = parse_plan(plan) if plan is not None else None
+    # every plan of one answer runs with one allocator: the given plan's, else the plans' default where PyTorch
+    # has expandable segments (not on Windows)
+    allocator = given.allocator if given is not None else "default" if sys.platform == "win32" else "expandable_segments"
+    margin = int(k.margin_for(allocator) * machine.vram_bytes)
     if given is not None and (errors := [f.message for f in check_plan(given, target) if f.severity == "error"]):
         raise PipefitError(f"The plan cannot run on {measured.pipeline_class}: " + " ".join(errors), "Nothing was evaluated.")
     say(f"Dry-running {measured.pipeline_class} at {workload.height}x{workload.width} on the meta device")
