@@ -98,3 +98,25 @@ def test_the_replay_on_this_gpu_matches_the_model(tmp_path):
                    check=True)  # fmt: skip
     for line in map(json.loads, out.read_text().splitlines()):
         assert line["model_peak_reserved"] == line["real_peak_reserved"], line
+
+
+@pytest.mark.parametrize("name", ["model-False", "model-True", "sequential-False"])
+def test_the_model_replays_a_real_decode_as_the_gpu_reserved_it(name):
+    """SDXL's float32 VAE decode as the H200's allocator recorded it (bench/alloc_history.py: every
+    allocation, free and cache release of the real call): replayed through the model, with the cache
+    emptied where the GPU's allocator released it, the peak is what the GPU reserved, within 1%."""
+    import gzip
+
+    data = json.loads(gzip.decompress((ROOT / f"bench/results/alloc-history-sdxl-{name}-h200.json.gz").read_bytes()))
+    allocator = CachingAllocator(expandable="expandable_segments:True" in data["allocator"])
+    live, previous = {}, None
+    for event in data["window"]:
+        action = event["action"]
+        if action in ("segment_free", "segment_unmap") and previous not in ("segment_free", "segment_unmap"):
+            allocator.empty_cache()
+        if action == "alloc":
+            live[event["addr"]] = allocator.malloc(event["size"])
+        elif action == "free_completed" and event["addr"] in live:
+            allocator.free(live.pop(event["addr"]))
+        previous = action
+    assert abs(allocator.peak_reserved - data["max_reserved"]) <= 0.01 * data["max_reserved"]
