@@ -13,10 +13,12 @@ the allocator keeps beyond it. Each term is derived, none is fitted per family:
 - the context, the convolution workspace, the allocator's fragmentation and the compute rates: the
   GPU's (tools/gpus.py), measured where pipefit ran there.
 
-The fragmentation is a fraction of the peak call's working memory, smaller with expandable
-segments (the plans' default) than with the default caching allocator, which under group
-offloading also keeps freed group buffers (and under layerwise casting, its freed upcast copies:
-strategies.layerwise_casting). Seconds come from the FLOPs the dry run counted at the
+What the allocator reserves beyond the live tensors is replayed, not fitted: the dry run's own
+allocations go through a model of PyTorch's caching allocator under the plan's allocator
+(strategies.allocator), with the cache emptied where the placement empties it, block-level group
+offloading's freed groups and quantized layers' dequantized copies; a fraction of the working memory
+remains only where no replay exists (a tiled or sliced decode), and layerwise casting keeps its freed
+upcast copies (strategies.layerwise_casting). Seconds come from the FLOPs the dry run counted at the
 GPU's rates, plus the transfers the placement makes at the host's measured bandwidth. Host RAM is
 the process's own plus what the loading path reads and converts and what the placement holds, per
 byte of the weights concerned (strategies.loading, offload, group_offload), at the host's terms.

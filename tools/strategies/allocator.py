@@ -1,4 +1,5 @@
-"""PyTorch's CUDA allocator: expandable segments, set before torch starts.
+"""PyTorch's CUDA allocator: expandable segments, set before torch starts, and the model of what the
+caching allocator reserves (below: ``CachingAllocator``, ``pool_reserved``).
 
 With ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` the caching allocator grows segments in
 place instead of keeping freed blocks of every size it saw, so reserved memory stays near allocated
