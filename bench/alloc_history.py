@@ -12,29 +12,21 @@ dry run does not (cuDNN's workspaces, by size).
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from alloc_timeline import pipeline_arguments, placed_pipeline
 
 MARKER = 7777 * 512  # bytes: a size nothing else allocates
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--placement", choices=("none", "model", "sequential"), default="model")
-    parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=2)
+    parser = pipeline_arguments(__doc__, placement="model", steps=2)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     import torch
-    from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(args.weights, torch_dtype=getattr(torch, args.dtype))
-    {"none": lambda: pipe.to("cuda"), "model": pipe.enable_model_cpu_offload,
-     "sequential": pipe.enable_sequential_cpu_offload}[args.placement]()  # fmt: skip
+    pipe = placed_pipeline(args)
     decode = pipe.vae.decode
 
     def marked(*a, **kw):
@@ -44,7 +36,9 @@ def main() -> None:
         return out
 
     pipe.vae.decode = marked
-    call = dict(prompt="a fox in the snow", height=args.height, width=args.width, num_inference_steps=args.steps)
+    call = {"prompt": "a fox in the snow", "height": args.height, "width": args.width, "num_inference_steps": args.steps}
+    if args.frames:
+        call["num_frames"] = args.frames
     pipe(**call)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -62,7 +56,7 @@ def main() -> None:
            "allocator": __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default",
            "max_reserved": torch.cuda.max_memory_reserved(), "max_allocated": torch.cuda.max_memory_allocated(),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "window": window,
-           "command": "python bench/alloc_history.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out")}  # fmt: skip
+           "command": "python bench/alloc_history.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out" and v is not None)}  # fmt: skip
     with open(args.out, "w") as f:
         json.dump(out, f)
     print(args.placement, out["allocator"], "events in the decode window:", len(window),

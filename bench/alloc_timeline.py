@@ -27,17 +27,21 @@ def free_blocks() -> list[int]:
                   reverse=True)  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pipeline_arguments(doc: str, placement: str = "none", steps: int = 4) -> argparse.ArgumentParser:
+    """The arguments both allocator scripts take: a saved pipeline, its placement and one call's workload."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True)
-    parser.add_argument("--placement", choices=("none", "model", "sequential"), default="none")
+    parser.add_argument("--placement", choices=("none", "model", "sequential"), default=placement)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=steps)
+    return parser
 
+
+def placed_pipeline(args: argparse.Namespace):
+    """The saved pipeline, loaded and placed as ``args`` say."""
     import torch
     from diffusers import DiffusionPipeline
 
@@ -48,6 +52,15 @@ def main() -> None:
         pipe.enable_model_cpu_offload()
     else:
         pipe.enable_sequential_cpu_offload()
+    return pipe
+
+
+def main() -> None:
+    args = pipeline_arguments(__doc__).parse_args()
+
+    import torch
+
+    pipe = placed_pipeline(args)
 
     events: list[tuple[str, str, int, int]] = []
     recording = [False]

@@ -25,6 +25,7 @@ own tiled and sliced paths. It is cached per pipeline configs, workload and libr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -658,7 +659,7 @@ class _LiveBytes:
             self.conv_flops += counted if conv else 0
         flat_in, _ = tree_flatten((args, kwargs))
         inputs = {t.untyped_storage()._cdata for t in flat_in if isinstance(t, torch.Tensor) and t.is_meta}
-        if packet in _MATMULS:  # a weight the run did not create: a parameter (quantized ones dequantize here)
+        if packet in _matmul_packets():  # a weight the run did not create: a parameter (quantized ones dequantize here)
             for t in flat_in:
                 if isinstance(t, torch.Tensor) and t.is_meta and t.untyped_storage()._cdata not in self._sizes:
                     self.weight_uses.append((len(self.events), t.untyped_storage().nbytes()))
@@ -761,24 +762,12 @@ class _LiveBytes:
                 self._shadows[meta] = shadow
 
 
-def _matmul_packets() -> set:
+@functools.cache
+def _matmul_packets() -> frozenset:
+    """The matmul operators whose weight operand a quantized layer dequantizes (built once torch is imported)."""
     import torch
 
-    return {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm}
-
-
-class _Matmuls:
-    """The matmul operator packets, built once torch is imported (``packet in _MATMULS``)."""
-
-    _packets: set | None = None
-
-    def __contains__(self, packet) -> bool:
-        if _Matmuls._packets is None:
-            _Matmuls._packets = _matmul_packets()
-        return packet in _Matmuls._packets
-
-
-_MATMULS = _Matmuls()
+    return frozenset({torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.aten.baddbmm})
 
 
 def _frontier(points: list, point: tuple[int, int], keep: int = 16) -> None:

@@ -91,10 +91,6 @@ class Coefficients(BaseModel):
         description="the same per allocator: expandable segments' runs and the default allocator's differ (SDXL's "
         "float32 decode under the default allocator was under by 20%)",
     )
-
-    def margin_for(self, allocator: str) -> float:
-        """The share of the card kept free for plans run with ``allocator``."""
-        return self.margin_fraction_by_allocator.get(allocator, self.margin_fraction)
     compile_step_factor: float = Field(0.85, description="regional compile's step time relative to eager")
     compile_seconds_per_block: float = Field(
         30.0, description="the first call's compile time per block compiled (regional: per repeated block class)"
@@ -104,6 +100,10 @@ class Coefficients(BaseModel):
         default_factory=dict, description="pipeline class -> plan signatures run on a GPU (basis 'measured')"
     )
     provenance: dict = Field(default_factory=dict)
+
+    def margin_for(self, allocator: str) -> float:
+        """The share of the card kept free for plans run with ``allocator``."""
+        return self.margin_fraction_by_allocator.get(allocator, self.margin_fraction)
 
 
 @cache
@@ -294,10 +294,11 @@ def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuPr
     dequantized = quantize.dequantized_for_matmuls(plan) if trace.weight_uses else frozenset()
     key = ("pool", plan.allocator, emptied, tuple((i, tuple(v)) for i, v in sorted(onloads.items())), dequantized)
     if key not in memo:
-        replayed = bool(trace.allocations)
         memo[key] = (allocator.cached_pool_reserved(trace, plan, profile.conv_workspace_per_byte, emptied, onloads, dequantized)
-                     if replayed else None, allocator.weights_reserved_per_byte(trace, plan))  # fmt: skip
-    pool, per_weight_byte = memo[key]
+                     if trace.allocations else None)  # fmt: skip
+    if ("rounding", plan.allocator) not in memo:
+        memo["rounding", plan.allocator] = allocator.weights_reserved_per_byte(trace, plan)
+    pool, per_weight_byte = memo[key], memo["rounding", plan.allocator]
 
     def kept(index: int, call: "ComponentCall", resident: int, working: int) -> int:
         rounding = int((per_weight_byte - 1.0) * resident)

@@ -198,7 +198,7 @@ def pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, fl
             transients.setdefault(at, []).append(int(per_byte * size))
     if dequantized:
         spans = [call.events for call in trace.calls if call.events and call.component in dequantized]
-        for at, size in getattr(trace, "weight_uses", ()):
+        for at, size in trace.weight_uses:
             if any(start <= at < end for start, end in spans):
                 transients.setdefault(at, []).append(size)
     position, out = 0, []

@@ -61,16 +61,21 @@ def resident(plan: "Plan", trace: "Trace", weights: "Weights") -> list[int]:
         return [weights.total] * len(trace.calls)
     if plan.offload == "sequential":
         return [weights.leaf_pair(call.component) for call in trace.calls]
+    return [sum(weights.bytes.get(name, 0) for name in on) for on, _ in _model_offload_walk(trace, weights)]
+
+
+def _model_offload_walk(trace: "Trace", weights: "Weights"):
+    """Per call of ``trace`` under model offload: the components on the device during it (one set, updated
+    call by call), and whether its hook moved the previous component of the sequence back first (then it
+    also emptied the cache)."""
     chain = [name for name in trace.offload_sequence if name in weights.bytes]
     previous = {name: chain[i - 1] for i, name in enumerate(chain) if i}
     on = {name for name in trace.exclude_from_offload if name in weights.bytes}
-    out = []
     for call in trace.calls:
-        if call.component in previous:
-            on.discard(previous[call.component])
+        moved = previous.get(call.component) in on
+        on.discard(previous.get(call.component))
         on.add(call.component)
-        out.append(sum(weights.bytes.get(name, 0) for name in on))
-    return out
+        yield on, moved
 
 
 def cache_emptied(plan: "Plan", trace: "Trace", weights: "Weights") -> frozenset[int]:
@@ -79,15 +84,7 @@ def cache_emptied(plan: "Plan", trace: "Trace", weights: "Weights") -> frozenset
     ``CpuOffload.pre_forward``). Sequential offload and plain placement never empty it."""
     if plan.offload != "model":
         return frozenset()
-    chain = [name for name in trace.offload_sequence if name in weights.bytes]
-    previous = {name: chain[i - 1] for i, name in enumerate(chain) if i}
-    on, emptied = set(trace.exclude_from_offload), set()
-    for i, call in enumerate(trace.calls):
-        if previous.get(call.component) in on:
-            on.discard(previous[call.component])
-            emptied.add(i)
-        on.add(call.component)
-    return frozenset(emptied)
+    return frozenset(i for i, (_, moved) in enumerate(_model_offload_walk(trace, weights)) if moved)
 
 
 def onloaded_tensors(plan: "Plan", trace: "Trace", weights: "Weights") -> dict[int, list[int]]:
