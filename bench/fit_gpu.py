@@ -176,7 +176,8 @@ RAM_KEYS = ("model", "model_quantized", "sequential", "group", "group_low_cpu_me
 
 def host_terms(runs: list[dict], k) -> dict:
     """The host's RAM terms from its runs: the process's RSS before any weight (loading: the offloaded
-    plans' loading peak, which reads no weight; running: the plain plans', by least squares as a constant
+    plans' loading peak, which reads no weight, and its anonymous and shared part where the rows record
+    it; running: the plain plans', by least squares as a constant
     plus a share of the decoded output), then each per-byte term as the median over the runs that use it
     of (measured - predicted without it) / (its bytes)."""
     from statistics import median
@@ -190,13 +191,15 @@ def host_terms(runs: list[dict], k) -> dict:
                                             "ram_per_output_byte": per_output})  # fmt: skip
         return host_ram(plan_of(r), Weights.of(plan_of(r), _measured(r)), coefficients, workload_of(r).output_bytes())
 
-    quiet = [r["peak_rss_load_bytes"] for r in runs if r["plan"].get("offload") not in (None, "none")
+    quiet = [r for r in runs if r["plan"].get("offload") not in (None, "none")
              and not r["plan"].get("quantize") and not r["plan"].get("group", {}).get("use_stream")]  # fmt: skip
+    quiet_held = [r["peak_held_load_bytes"] for r in quiet if r.get("peak_held_load_bytes")]
     plain = [r for r in runs if not r["plan"]]
     outputs = np.array([[1.0, workload_of(r).output_bytes()] for r in plain])
     (run_base, per_output), *_ = np.linalg.lstsq(outputs, np.array([r["peak_rss_run_bytes"] for r in plain]), rcond=None)
     per_output = round(max(float(per_output), 0.0), 3)
-    base = {"load": median(quiet), "run": float(run_base)}
+    base = {"load": median(r["peak_rss_load_bytes"] for r in quiet), "run": float(run_base)}
+    base["load_held"] = median(quiet_held) if quiet_held else base["load"]
     per_byte = dict.fromkeys(RAM_KEYS, 0.0)
     for key in RAM_KEYS:
         ratios = []

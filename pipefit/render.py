@@ -163,9 +163,10 @@ def patch(result: PatchResult, console: Console, script: str) -> None:
 
 
 def _ram_cell(p) -> str:
-    """'LOAD / RUN', with '+ MAPPED' where loading maps weight files the kernel can drop (not counted)."""
+    """'LOAD / RUN', with '+ MAPPED' where loading maps weight files the kernel can drop (not counted;
+    the process's own libraries, under a GiB, are not worth a mention)."""
     load = format_bytes(p.ram_load_held_bytes)
-    mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes else ""
+    mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes > 2**30 else ""
     return f"{load}{mapped} / {format_bytes(p.ram_run_bytes)}"
 
 

@@ -66,7 +66,8 @@ class Coefficients(BaseModel):
     since-removed bench/fit_models.py; bench/fit_gpu.py --write keeps ``measured`` and ``margin_fraction``)."""
 
     gpu: str
-    ram_base_bytes: dict[str, float] = Field(description="the process's RSS before any weight: 'load', and 'run' (CUDA's host side)")
+    ram_base_bytes: dict[str, float] = Field(description="the process's RSS before any weight: 'load', 'load_held' (of it, the anonymous and "
+        "shared part: the libraries' code is file pages) and 'run' (CUDA's host side)")
     ram_copy_per_byte: dict[str, float] = Field(
         description="RSS per byte of weights the host holds, by who holds them: model, model_quantized (its "
         "quantized components), sequential, group, "
@@ -157,7 +158,8 @@ class Estimate(BaseModel):
     vram_bytes: int
     ram_load_bytes: int
     ram_load_mapped_bytes: int = Field(
-        0, description="of ram_load_bytes, weight files mapped while read once, which the kernel can drop"
+        0, description="of ram_load_bytes, file pages the kernel can drop: weight files mapped while read once, "
+        "the libraries' code"
     )
     ram_run_bytes: int
     seconds: float = Field(description="one call, steady state (not the first, which also warms up)")
@@ -173,8 +175,8 @@ class Estimate(BaseModel):
 
     @property
     def ram_load_held_bytes(self) -> int:
-        """Loading's RSS peak less the weight files it maps while reading them once (file pages a machine
-        drops and reads again when memory is short)."""
+        """Loading's RSS peak less its file pages (weight files mapped while read once, the libraries'
+        code), which a machine drops and reads again when memory is short."""
         return self.ram_load_bytes - self.ram_load_mapped_bytes
 
     @property
@@ -392,7 +394,7 @@ def _step_factor(plan: Plan, component: str, k: Coefficients) -> float:
 
 class HostRam(NamedTuple):
     load: float  # RSS while loading, up to the first call
-    load_mapped: float  # of it, weight files mapped while read once: file pages the kernel can drop
+    load_mapped: float  # of it, file pages the kernel can drop: weight files read once, the libraries' code
     run: float  # RSS while running
 
 
@@ -400,17 +402,21 @@ def host_ram(plan: Plan, weights: Weights, k: Coefficients, output_bytes: float 
     """RSS while loading (up to the first call) and while running: the process's own, plus what the
     loading path reads and converts (strategies.loading) and what the placement holds (its module);
     while running also the decoded output (``output_bytes``: Workload.output_bytes). ``load_mapped``
-    is what loading's peak has fewer when the placement's mapped weight files are not held."""
+    is what loading's peak has fewer when file pages are not held: the weight files the loading path and
+    the placement read once through their mmap, and the process's own mapped libraries (the base's
+    ``load_held`` is its anonymous and shared part)."""
     per_byte = k.ram_copy_per_byte
     on_device = loading.on_device_after_load(plan, weights)
     setup = setup_host_bytes(plan, weights, per_byte, on_device)
     held_setup = setup - mapped_setup_bytes(plan, weights, on_device)
     running = host_bytes(plan, weights, per_byte) + loading.host_leftover_bytes(plan, weights, per_byte)
     at_load = loading.host_bytes_at_load(plan, weights, setup, per_byte)
-    held_at_load = loading.host_bytes_at_load(plan, weights, held_setup, per_byte)
+    held_at_load = loading.host_bytes_at_load(plan, weights, held_setup, per_byte, held=True)
     compiler = k.compile_ram_bytes if plan.compile != "none" else 0.0  # compiling happens in the first call
     output = k.ram_per_output_byte * output_bytes
-    return HostRam(k.ram_base_bytes["load"] + at_load, at_load - held_at_load, k.ram_base_bytes["run"] + running + compiler + output)
+    base, base_held = k.ram_base_bytes["load"], k.ram_base_bytes.get("load_held", k.ram_base_bytes["load"])
+    mapped = base - base_held + at_load - held_at_load
+    return HostRam(base + at_load, mapped, k.ram_base_bytes["run"] + running + compiler + output)
 
 
 def signature(plan: Plan) -> str:

@@ -424,7 +424,8 @@ def _option(plan: Plan, context: _Context, target: Target) -> Option:
     if e.ram_load_mapped_bytes and e.ram_load_bytes > machine.ram_bytes:
         reasons.append(
             f"Its RSS while loading reaches {format_bytes(e.ram_load_bytes)}, {format_bytes(e.ram_load_mapped_bytes)} "
-            "of it weight files mapped while they are read once; the kernel drops those pages when memory is short, "
+            "of it file pages (weight files mapped while they are read once, the libraries' code); the kernel drops "
+            "those pages when memory is short, "
             "so they are not counted against the RAM (loading may read them from disk again)."
         )
     if plan.compile != "none":
