@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from pipefit.tools.dryrun import trace_pipeline
 from pipefit.tools.plan import Plan
+from pipefit.tools.strategies import allocator
 from pipefit.tools.strategies.allocator import CachingAllocator, pool_reserved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +71,15 @@ def test_expandable_segments_grow_in_place():
     assert allocator.reserved == 100 * MiB
 
 
-def test_a_dry_runs_allocations_replay_consistently(tiny_dirs):
+@pytest.fixture(scope="module")
+def tiny_trace(tiny_dirs):
+    return trace_pipeline(str(tiny_dirs["flux"]), height=64, width=64, steps=2, dtype="float32")
+
+
+def test_a_dry_runs_allocations_replay_consistently(tiny_trace):
     """A real dry run's allocation stream: every free follows its allocation, the calls' spans are in order,
     and at every call the replayed pool holds at least the tensors the call had live at its peak."""
-    trace = trace_pipeline(str(tiny_dirs["flux"]), height=64, width=64, steps=2, dtype="float32")
+    trace = tiny_trace
     allocated = 0
     for event in trace.allocations:
         if event > 0:
@@ -86,6 +92,26 @@ def test_a_dry_runs_allocations_replay_consistently(tiny_dirs):
         pool = pool_reserved(trace, Plan(allocator=allocator), {}, frozenset())
         assert all(reserved >= call.peak_bytes for reserved, call in zip(pool, trace.calls))
         assert pool == sorted(pool)  # nothing is given back while nothing empties the cache
+
+
+def test_the_kept_replays_answer_per_trace(tiny_trace, tmp_path, monkeypatch):
+    """cached_pool_reserved gives what pool_reserved computes, from this process and then from disk, and a
+    trace whose stream differs (its first tensor 64 MiB larger) is replayed on its own, not answered with
+    the first trace's pool."""
+    monkeypatch.setenv("PIPEFIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(allocator, "_REPLAYED", {})
+    plan = Plan(allocator="default")
+    first = allocator.cached_pool_reserved(tiny_trace, plan, {}, frozenset(), {}, frozenset())
+    assert first == pool_reserved(tiny_trace, plan, {}, frozenset()) and len(list((tmp_path / "replay").iterdir())) == 1
+    allocator._REPLAYED.clear()
+    assert allocator.cached_pool_reserved(tiny_trace, plan, {}, frozenset(), {}, frozenset()) == first  # from disk
+    first_tensor = next(i for i, e in enumerate(tiny_trace.allocations) if e > 0)
+    stream = list(tiny_trace.allocations)
+    stream[first_tensor] += 64 * MiB  # the same ids: frees still name their allocations
+    other = tiny_trace.model_copy(update={"allocations": stream})
+    pool = allocator.cached_pool_reserved(other, plan, {}, frozenset(), {}, frozenset())
+    assert pool == pool_reserved(other, plan, {}, frozenset()) != first
+    assert len(list((tmp_path / "replay").iterdir())) == 2
 
 
 @pytest.mark.gpu

@@ -223,10 +223,12 @@ def estimate(
     memo = {} if memo is None else memo
     # (stage, label, resident, working, kept) per call, then the loading stage: plain tuples, as recommend asks
     # for hundreds of plans of tens of calls each; the models are made for the largest call of each stage only
-    kept = _allocator_kept(plan, trace, weights, profile, memo)
+    # each converted component's largest layer at full precision, held while that layer computes
+    converted = {n: weights.converted_layer(plan, n) for n in plan.converted if n in weights.bytes}
+    kept = _allocator_kept(plan, trace, weights, profile, memo, converted)
     entries = [(call.component, i, on, work, kept(i, call, on, work))
                for i, (call, on) in enumerate(zip(trace.calls, on_device))
-               for work in (int(_working(plan, i, call, trace, weights, profile, memo)),)]  # fmt: skip
+               for work in (_working(plan, i, call, trace, profile, memo) + converted.get(call.component, 0),)]  # fmt: skip
     if not entries:  # nothing traced: the weights alone, as a floor
         entries = [("load", -1, weights.total, 0, 0)]
     at_load, layer = loading.device_bytes_at_load(plan, weights)
@@ -246,9 +248,10 @@ def estimate(
     cached = step_cache.cached_fraction(plan, w.steps, m.components[denoiser].class_name if denoiser else None)
     seconds = 0.0
     step = 0.0
-    for call in trace.calls:
+    for i, call in enumerate(trace.calls):
         own = backend if call.component == denoiser else None
-        t = call_seconds(_decode_run(plan, call, trace), profile, own)
+        key = ("seconds", i, own, plan.vae.tiling, plan.vae.slicing)  # all a call's compute time depends on
+        t = memo[key] if key in memo else memo.setdefault(key, call_seconds(_decode_run(plan, call, trace), profile, own))
         if call.step is not None:
             if call.component == denoiser and cached:  # the hooked modules do not run on cached steps
                 t -= cached * compute_seconds(saved_flops, 0.0, saved_attention, profile, own)
@@ -284,7 +287,8 @@ def _largest_per_stage(entries: list[tuple[str, int, int, int, int]], trace: "Tr
                       working_bytes=work, kept_bytes=kept) for stage, i, on, work, kept in largest.values()]  # fmt: skip
 
 
-def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuProfile, memo: dict):
+def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuProfile, memo: dict,
+                    converted: dict[str, int]):  # fmt: skip
     """``kept(index, call, resident, working)``: what the allocator reserves during a call beyond its live
     tensors and the weights. From the dry run's allocations replayed under the plan's allocator
     (strategies.allocator): the run's blocks as the allocator lays them out, the freed ones earlier calls left
@@ -307,9 +311,9 @@ def _allocator_kept(plan: Plan, trace: "Trace", weights: Weights, profile: GpuPr
         if pool is None or call.events is None or _decode_run(plan, call, trace) is not call:
             return rounding + int(profile.fragmentation_for(plan.allocator, conv_kind(trace.calls, index)) * working)
         # the working memory counts one converted layer at full precision; the replay has each dequantized copy
-        converted = weights.converted_layer(plan, call.component) if call.component in plan.converted and call.component in weights.bytes else 0
-        replayed_copy = converted if call.component in dequantized else 0
-        return rounding + max(0, pool[index] + converted - replayed_copy - working - sum(onloads.get(index, ())))
+        layer = converted.get(call.component, 0)
+        replayed_copy = layer if call.component in dequantized else 0
+        return rounding + max(0, pool[index] + layer - replayed_copy - working - sum(onloads.get(index, ())))
 
     return kept
 
@@ -341,11 +345,10 @@ def _label(call: "ComponentCall") -> str:
     return call.component if call.step is None else f"{call.component} step {call.step}"
 
 
-def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", weights: Weights, profile: GpuProfile,
-             memo: dict) -> int:  # fmt: skip
-    """The call's working memory under the plan: the VAE's tiled or sliced decode where the plan turns
-    them on, cuDNN's workspace beside a convolution, plus one layer dequantized or upcast at a time for
-    quantized or fp8-cast components. ``memo`` keeps what depends on the call and the VAE settings only."""
+def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", profile: GpuProfile, memo: dict) -> int:
+    """The call's working memory under the plan before any converted layer: the VAE's tiled or sliced decode
+    where the plan turns them on, cuDNN's workspace beside a convolution. ``memo`` keeps it per call and VAE
+    settings (nothing else changes it)."""
     key = (index, plan.vae.tiling, plan.vae.slicing)
     working = memo.get(key)
     if working is None:
@@ -358,9 +361,7 @@ def _working(plan: Plan, index: int, call: "ComponentCall", trace: "Trace", weig
             live + per_byte.get(kind, per_byte.get(kind.split("_")[0], 0.0)) * size  # unmeasured dtype: half precision's
             for kind, points in call.convs.items() for live, size in points
         ])  # fmt: skip
-    if call.component in plan.converted and call.component in weights.bytes:
-        working += weights.converted_layer(plan, call.component)  # the largest layer at full precision, while it computes
-    return working
+    return int(working)
 
 
 def _decode_run(plan: Plan, call: "ComponentCall", trace: "Trace") -> "ComponentCall":

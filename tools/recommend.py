@@ -15,6 +15,7 @@ tools/estimate.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -494,14 +495,19 @@ def _excess(o: Option, machine: Machine) -> tuple:
 
 def plan_code(plan: Plan, m: PipelineMeasurement) -> str:
     """The lines that load the pipeline and apply ``plan`` (what patch_script would write)."""
+    return _patched(plan.model_dump_json(), m.pipeline_class, _repo(m), m.dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _patched(plan_json: str, pipeline_class: str, repo: str, dtype: str) -> str:
+    # a pure function of its arguments; recommendations for other budgets show many of the same plans
     from .patch import patch_source
 
-    dtype = f"torch.{m.dtype}"
     source = (
-        f"import torch\nfrom diffusers import {m.pipeline_class}\n\n"
-        f"pipe = {m.pipeline_class}.from_pretrained({_repo(m)!r}, torch_dtype={dtype})\npipe.to(\"cuda\")\n"
+        f"import torch\nfrom diffusers import {pipeline_class}\n\n"
+        f"pipe = {pipeline_class}.from_pretrained({repo!r}, torch_dtype=torch.{dtype})\npipe.to(\"cuda\")\n"
     )
-    return patch_source(source, plan, filename="pipeline.py").source
+    return patch_source(source, Plan.model_validate_json(plan_json), filename="pipeline.py").source
 
 
 def _repo(m: PipelineMeasurement) -> str:

@@ -225,6 +225,25 @@ def pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, fl
 
 
 _REPLAYED: dict[str, list[int]] = {}  # this process's replays, by cached_pool_reserved's key
+_STREAMS: dict[int, tuple["Trace", bytes]] = {}  # the latest traces' stream digests, by id (the trace kept alive)
+
+
+def _stream_digest(trace: "Trace") -> bytes:
+    """A digest of what a replay reads from the trace (its allocations, workspaces, weight uses and call
+    spans): computed once per trace, not once per variant (tens of thousands of integers each time)."""
+    import hashlib
+    import json
+    from array import array
+
+    known = _STREAMS.get(id(trace))
+    if known is not None and known[0] is trace:
+        return known[1]
+    digest = hashlib.sha256(array("q", trace.allocations).tobytes())
+    digest.update(json.dumps([trace.workspaces, trace.weight_uses, [c.events for c in trace.calls]]).encode())
+    if len(_STREAMS) >= 8:  # a server plans for a few models at a time
+        _STREAMS.pop(next(iter(_STREAMS)))
+    _STREAMS[id(trace)] = (trace, digest.digest())
+    return _STREAMS[id(trace)][1]
 
 
 def cached_pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[str, float], emptied: frozenset[int],
@@ -233,14 +252,12 @@ def cached_pool_reserved(trace: "Trace", plan: "Plan", workspace_per_byte: dict[
     recommendation replays a few tens of variants of a run of tens of thousands of allocations)."""
     import hashlib
     import json
-    from array import array
 
     from ..measure import cache_dir
 
-    digest = hashlib.sha256(array("q", trace.allocations).tobytes())
+    digest = hashlib.sha256(_stream_digest(trace))
     digest.update(json.dumps([plan.allocator, sorted(workspace_per_byte.items()), sorted(emptied),
-                              sorted(onloads.items()), sorted(dequantized), trace.workspaces, trace.weight_uses,
-                              [c.events for c in trace.calls]]).encode())  # fmt: skip
+                              sorted(onloads.items()), sorted(dequantized)]).encode())  # fmt: skip
     key = digest.hexdigest()[:32]
     if key in _REPLAYED:
         return _REPLAYED[key]

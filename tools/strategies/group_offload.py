@@ -283,9 +283,8 @@ def onloaded_tensors(plan: "Plan", trace: "Trace", weights: "Weights") -> dict[i
     group = plan.group_settings
     if plan.offload != "group_block" or group.use_stream:
         return {}
-    out = {}
-    for i, call in enumerate(trace.calls):
-        name = call.component
+    moved: dict[str, list[int]] = {}
+    for name in {call.component for call in trace.calls}:
         sizes = trace.weight_tensors.get(name)
         if name in group.exclude or name not in weights.bytes or not sizes:
             continue
@@ -296,8 +295,8 @@ def onloaded_tensors(plan: "Plan", trace: "Trace", weights: "Weights") -> dict[i
                 break
             chosen.append(int(size * scale))
             budget -= chosen[-1]
-        out[i] = chosen
-    return out
+        moved[name] = chosen
+    return {i: moved[call.component] for i, call in enumerate(trace.calls) if call.component in moved}
 
 
 def _block_key(group) -> str:
