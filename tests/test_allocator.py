@@ -88,8 +88,8 @@ def test_a_dry_runs_allocations_replay_consistently(tiny_trace):
             assert -event - 1 < allocated
     spans = [c.events for c in trace.calls]
     assert all(a[1] <= b[0] for a, b in pairwise(spans))
-    for allocator in ("expandable_segments", "default"):
-        pool = pool_reserved(trace, Plan(allocator=allocator), {}, frozenset())
+    for kind in ("expandable_segments", "default"):
+        pool = pool_reserved(trace, Plan(allocator=kind), {}, frozenset())
         assert all(reserved >= call.peak_bytes for reserved, call in zip(pool, trace.calls))
         assert pool == sorted(pool)  # nothing is given back while nothing empties the cache
 
