@@ -19,8 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from fit_gpu import _measured, plan_of, workload_of  # noqa: E402
-
-GiB, MMAP_THRESHOLD_MAX = 2**30, 32 * 2**20
+from model_offload_transfer import GiB, MMAP_THRESHOLD_MAX  # noqa: E402
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipefit.tools.units import format_bytes
+from pipefit.tools.units import GiB, format_bytes
 
 if TYPE_CHECKING:  # the models only annotate here; importing them would pull libcst into `pipefit detect`
     from pipefit.tools.hardware import HardwareReport
@@ -166,7 +166,7 @@ def _ram_cell(p) -> str:
     """'LOAD / RUN', with '+ MAPPED' where loading maps weight files the kernel can drop (not counted;
     the process's own libraries, under a GiB, are not worth a mention)."""
     load = format_bytes(p.ram_load_held_bytes)
-    mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes > 2**30 else ""
+    mapped = f" (+{format_bytes(p.ram_load_mapped_bytes)} mapped)" if p.ram_load_mapped_bytes > GiB else ""
     return f"{load}{mapped} / {format_bytes(p.ram_run_bytes)}"
 
 

@@ -251,7 +251,9 @@ def estimate(
     for i, call in enumerate(trace.calls):
         own = backend if call.component == denoiser else None
         key = ("seconds", i, own, plan.vae.tiling, plan.vae.slicing)  # all a call's compute time depends on
-        t = memo[key] if key in memo else memo.setdefault(key, call_seconds(_decode_run(plan, call, trace), profile, own))
+        if key not in memo:
+            memo[key] = call_seconds(_decode_run(plan, call, trace), profile, own)
+        t = memo[key]
         if call.step is not None:
             if call.component == denoiser and cached:  # the hooked modules do not run on cached steps
                 t -= cached * compute_seconds(saved_flops, 0.0, saved_attention, profile, own)
