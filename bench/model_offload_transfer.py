@@ -8,7 +8,8 @@ prints the time beyond the compute (measured seconds less the plan predicted wit
 beside the bytes moved in tensors of 32 MiB or more (glibc maps each afresh: new pages to fault in on
 every copy back), in smaller ones (its heap reuses their chunks) and the tensors moved (bitsandbytes'
 4-bit layers counted three times: weight, absmax, quantization map), with a fit of those three terms
-by least squares on relative errors and what it and today's model predict per call.
+by least squares on relative errors and what it and today's model predict per call; then the same
+fit again with each family left out, predicting that family's rows (the out-of-sample check).
 """
 
 from __future__ import annotations
@@ -62,7 +63,12 @@ def main() -> None:
         rows.append((r, terms, r["seconds"] - compute, estimate(plan, m, w, coefficients=k).seconds))
     a = np.array([[2 * x for x in terms] for _, terms, _, _ in rows])  # on and off: two trips per call
     beyond = np.array([b for _, _, b, _ in rows])
-    coef, _ = optimize.nnls(a / beyond[:, None], np.ones(len(beyond)))
+
+    def fit(keep):
+        coef, _ = optimize.nnls(a[keep] / beyond[keep, None], np.ones(int(keep.sum())))
+        return coef
+
+    coef = fit(np.ones(len(rows), dtype=bool))
     print(f"fit: {coef[0] * GiB:.3f} s per GiB in tensors >= 32 MiB, {coef[1] * GiB:.3f} s per GiB in smaller ones, "
           f"{coef[2] * 1e3:.3f} ms per tensor ({len(rows)} runs)")  # fmt: skip
     now_within = fit_within = 0
@@ -74,6 +80,20 @@ def main() -> None:
               f"tensors {count:5d}  beyond compute {extra:6.2f} s  measured {r['seconds']:6.2f}  "
               f"today {now:6.2f} ({now_err:+.0%})  three terms {fitted:6.2f} ({fit_err:+.0%})")  # fmt: skip
     print(f"s/call within 20%: today {now_within}/{len(rows)}, three terms (fitted on these rows) {fit_within}/{len(rows)}")
+    builds = np.array([r["build"] for r, *_ in rows])
+    print("\nleft out of the fit, one family at a time (its rows predicted by the fit on the others):")
+    out_within = 0
+    for build in dict.fromkeys(builds):
+        held = builds == build
+        c = fit(~held)
+        errors = [(r["seconds"] - extra + terms @ c) / r["seconds"] - 1
+                  for (r, _, extra, _), terms, h in zip(rows, a, held) if h]  # fmt: skip
+        today = [now / r["seconds"] - 1 for (r, _, _, now), h in zip(rows, held) if h]
+        out_within += sum(abs(e) <= 0.2 for e in errors)
+        print(f"{build:16s} fit on the others: {c[0] * GiB:.3f} s/GiB >= 32 MiB, {c[1] * GiB:.3f} s/GiB smaller, "
+              f"{c[2] * 1e3:.3f} ms/tensor; its {len(errors)} runs: three terms "
+              f"{' '.join(f'{e:+.0%}' for e in errors)}, today {' '.join(f'{e:+.0%}' for e in today)}")  # fmt: skip
+    print(f"s/call within 20%, each family predicted by a fit without it: {out_within}/{len(rows)}")
 
 
 if __name__ == "__main__":
