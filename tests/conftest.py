@@ -59,6 +59,14 @@ def fake_hub(tmp_path_factory):
     return cache
 
 
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core, but none for the gpu tests, which share one GPU
+    and each measure its peak memory; ``-n N`` on the command line still decides."""
+    if "gpu" in (config.option.markexpr or "") and "not gpu" not in config.option.markexpr:
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
