@@ -1,11 +1,14 @@
 """How fast the MCP server answers, as an agent sees it: over stdio, from a fresh child process.
 
     python bench/mcp_latency.py --repeat 3 --out bench/results/mcp-latency-cpu.jsonl
+    python bench/mcp_latency.py --repeat 3 --pause 5 --out bench/results/mcp-latency-cpu.jsonl
 
 Per run: seconds from spawning ``python -m pipefit.mcp_server`` to the tool list (start-up), then three
 recommend calls for builtin:flux1-dev at 1024 px on a 16 GiB / 64 GiB budget (the first measures the
 pipeline and imports what it needs, the others answer from the server's warm state), and the
-triage_oom call on a traceback. Prints the medians.
+triage_oom call on a traceback. Prints the medians. With ``--pause S``, the first recommend comes S
+seconds after the tool list, as an agent's turn between calls would (the server imports torch and
+diffusers in the background meanwhile).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ TRACEBACK = (ROOT / "tests/fixtures/tracebacks/flux_denoise_torch2_5.txt").read_
 ADVICE = {"model": "builtin:flux1-dev", "vram": "16GiB", "ram": "64GiB"}
 
 
-async def one_run(cache: str) -> dict:
+async def one_run(cache: str, pause: float) -> dict:
     env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "pipefit.mcp_server"], cwd=str(ROOT),
@@ -40,7 +43,8 @@ async def one_run(cache: str) -> dict:
     started = time.perf_counter()
     async with Client(params) as client:
         await client.list_tools()
-        row = {"startup_s": time.perf_counter() - started, "recommend_s": []}
+        row = {"startup_s": time.perf_counter() - started, "pause_s": pause, "recommend_s": []}
+        await anyio.sleep(pause)
         for _ in range(3):
             t = time.perf_counter()
             result = await client.call_tool("recommend", ADVICE)
@@ -55,12 +59,13 @@ async def one_run(cache: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds between the tool list and the first recommend")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rows = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as cache:  # a cold measurement cache each run
-            rows.append(anyio.run(one_run, cache))
+            rows.append(anyio.run(one_run, cache, args.pause))
     median = {
         "startup_s": statistics.median(r["startup_s"] for r in rows),
         "first_recommend_s": statistics.median(r["recommend_s"][0] for r in rows),

@@ -37,6 +37,8 @@ from pipefit.tools.skills import skill_dir, skill_files
 from pipefit.tools.triage import OomTriage
 from pipefit.tools.trial import TrialResult
 
+from . import imports
+
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -86,11 +88,17 @@ def _tool(*, title: str, read_only: bool = True, idempotent: bool = True, open_w
 
 
 async def _call(
-    ctx: Context | None, fn: Callable[..., T], *args: Any, cancel: threading.Event | None = None, **kwargs: Any
+    ctx: Context | None,
+    fn: Callable[..., T],
+    *args: Any,
+    cancel: threading.Event | None = None,
+    imported: str | None = None,
+    **kwargs: Any,
 ) -> T:
     """Run a blocking tools/ function in a worker thread. Its progress messages are sent as progress
     notifications; its user errors are raised as tool errors. With ``cancel``, a cancelled request
-    sets it and waits (shielded) for the function to clean up before the cancellation goes on."""
+    sets it and waits (shielded) for the function to clean up before the cancellation goes on. With
+    ``imported``, the worker first waits for that stage of the background imports (imports.STAGES)."""
     counter = itertools.count(1)
 
     def progress(message: str) -> None:
@@ -107,6 +115,8 @@ async def _call(
 
     def work() -> T:
         try:
+            if imported:
+                imports.wait(imported)
             return fn(*args, **kwargs)
         finally:
             finished.set()
@@ -143,7 +153,7 @@ async def detect_hardware(
     """
     from pipefit.tools.hardware import detect_hardware as run
 
-    return await _call(None, run, bandwidth=bandwidth)
+    return await _call(None, run, bandwidth=bandwidth, imported="torch")
 
 
 @_tool(title="Measure a pipeline's components", open_world=True)  # a hub id reads the Hub
@@ -163,7 +173,7 @@ async def measure_components(
     """
     from pipefit.tools.measure import measure_components as run
 
-    return await _call(ctx, run, model, dtype=dtype, cache=not refresh)
+    return await _call(ctx, run, model, dtype=dtype, cache=not refresh, imported="models")
 
 
 @_tool(title="Recommend a strategy", open_world=True)  # a hub id reads the Hub
@@ -205,7 +215,7 @@ async def recommend(
             vram=vram, ram=ram, prefer=prefer, plan=plan, dtype=dtype, gpu=gpu, calls=calls, progress=progress,
         )  # fmt: skip
 
-    return await _call(ctx, work)
+    return await _call(ctx, work, imported="models")
 
 
 @_tool(title="Patch a script to apply a plan", read_only=False, destructive=True)
@@ -291,7 +301,13 @@ async def triage_oom(
     return await _call(None, work)
 
 
-server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING", tools=_TOOLS)
+@contextlib.asynccontextmanager
+async def _lifespan(_server: MCPServer):
+    imports.start()  # once the transport is up (stdio: fd 1 already points at stderr), not at import
+    yield {}
+
+
+server = MCPServer("pipefit", instructions=INSTRUCTIONS, log_level="WARNING", tools=_TOOLS, lifespan=_lifespan)
 
 
 def _register_skill_resources() -> None:

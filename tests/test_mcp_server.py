@@ -306,6 +306,8 @@ def test_stdio_server_in_a_child_process(tmp_path):
     async def main():
         async with Client(params) as client:
             tools = (await client.list_tools()).tools
+            # before any tool asks for it, the server imports torch in the background (mcp_server/imports.py)
+            assert await _loads_within(_server_process(), "libtorch", 60)
             triage = await client.call_tool("triage_oom", {"text": TRACEBACK})
             # recommend over stdio: tests/test_faults.py (34 cases, one a fitting answer)
             bad = await client.call_tool("measure_components", {"model": "/no/such/folder"})
@@ -324,6 +326,19 @@ def test_stdio_server_in_a_child_process(tmp_path):
     assert bad.is_error and "/no/such/folder" in _text(bad)
     assert gone_within([int(p) for p in pid_file.read_text().split()], 15)
     assert not after.is_error
+
+
+def _server_process() -> psutil.Process:
+    return next(p for p in psutil.Process().children(recursive=True) if "pipefit.mcp_server" in " ".join(p.cmdline()))
+
+
+async def _loads_within(process: psutil.Process, library: str, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(library in m.path for m in process.memory_maps()):
+            return True
+        await anyio.sleep(0.2)
+    return False
 
 
 def test_stdio_output_is_only_protocol_messages(tmp_path):
