@@ -329,7 +329,13 @@ def test_stdio_server_in_a_child_process(tmp_path):
 
 
 def _server_process() -> psutil.Process:
-    return next(p for p in psutil.Process().children(recursive=True) if "pipefit.mcp_server" in " ".join(p.cmdline()))
+    def is_server(p: psutil.Process) -> bool:
+        try:
+            return "pipefit.mcp_server" in " ".join(p.cmdline())
+        except psutil.Error:  # an earlier test's child, exited (a zombie) or gone
+            return False
+
+    return next(p for p in psutil.Process().children(recursive=True) if is_server(p))
 
 
 async def _loads_within(process: psutil.Process, library: str, seconds: float) -> bool:
