@@ -16,7 +16,10 @@ def serve(http_port: int | None = None) -> None:
     from pipefit.quiet import quiet_third_party_imports
 
     quiet_third_party_imports()  # before the tools import torchao and bitsandbytes
+    from . import imports
     from .server import server
+
+    imports.enable()  # the server's lifespan starts them once the transport is up
 
     if http_port is None:
         server.run()  # the SDK points fd 1 at stderr while it serves: stray prints cannot corrupt the wire

@@ -29,13 +29,21 @@ STAGES: dict[str, tuple[str, ...]] = {
 _done = {stage: threading.Event() for stage in STAGES}
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+_enabled = False
+
+
+def enable() -> None:
+    """Let ``start`` run: only the server's own process (``serve``) does. A process that embeds the server
+    (an in-memory client, a test) imports on its own schedule, never beside a thread it did not ask for."""
+    global _enabled
+    _enabled = True
 
 
 def start() -> None:
-    """Start the background imports once per process (later calls do nothing)."""
+    """Start the background imports once per process, if enabled (later calls do nothing)."""
     global _thread
     with _lock:
-        if _thread is None:
+        if _enabled and _thread is None:
             _thread = threading.Thread(target=_import_all, name="pipefit-imports", daemon=True)
             _thread.start()
 
