@@ -60,11 +60,11 @@ def fake_hub(tmp_path_factory):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject's addopts): one worker per core, but none for the gpu tests, which share one GPU
-    and each measure its peak memory; ``-n N`` on the command line still decides."""
+    """``-n auto`` (pyproject's addopts): xdist's own count (a worker per core), but none for the gpu tests,
+    which share one GPU and each measure its peak memory; ``-n N`` on the command line still decides."""
     if "gpu" in (config.option.markexpr or "") and "not gpu" not in config.option.markexpr:
         return 0
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return None  # the next implementation: xdist's
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,7 +26,7 @@ import anyio
 import psutil
 import pytest
 from mcp import Client, StdioServerParameters
-from processes import alive
+from processes import alive, cmdline
 
 from pipefit.cli import main
 
@@ -171,13 +171,6 @@ async def _through(client: Client, server_pid: int, ws: Path, out: Path, transpo
     return ran, problems
 
 
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:  # it ended since it was listed
-        return []
-
-
 def _env(tmp_path: Path) -> dict[str, str]:
     keep = ("PYTHONPATH", "VIRTUAL_ENV", "HF_HOME", "PATH")
     return {**{k: os.environ[k] for k in keep if k in os.environ}, "HF_HUB_OFFLINE": "1",
@@ -190,7 +183,7 @@ def test_every_fault_through_mcp_over_stdio(tmp_path):
 
     async def run():
         async with Client(params) as client:
-            (server,) = [p for p in psutil.Process().children() if alive(p.pid) and "serve" in _cmdline(p)]
+            (server,) = [p for p in psutil.Process().children() if alive(p.pid) and "serve" in cmdline(p)]
             return await _through(client, server.pid, ws, out, "stdio")
 
     ran, problems = anyio.run(run)

@@ -17,7 +17,7 @@ import anyio
 import psutil
 import pytest
 from mcp import Client, StdioServerParameters
-from processes import alive, gone_within
+from processes import alive, cmdline, gone_within
 
 from pipefit.mcp_server.server import server
 from pipefit.tools.skills import skill_dir
@@ -329,13 +329,8 @@ def test_stdio_server_in_a_child_process(tmp_path):
 
 
 def _server_process() -> psutil.Process:
-    def is_server(p: psutil.Process) -> bool:
-        try:
-            return "pipefit.mcp_server" in " ".join(p.cmdline())
-        except psutil.Error:  # an earlier test's child, exited (a zombie) or gone
-            return False
-
-    return next(p for p in psutil.Process().children(recursive=True) if is_server(p))
+    # past an earlier test's children, exited (zombies) or gone
+    return next(p for p in psutil.Process().children(recursive=True) if "pipefit.mcp_server" in " ".join(cmdline(p)))
 
 
 async def _loads_within(process: psutil.Process, library: str, seconds: float) -> bool:
