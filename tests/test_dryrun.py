@@ -58,6 +58,37 @@ def test_attention_counts_the_fused_kernels_footprint_not_the_score_matrix():
     assert live.peak >= 2 * 1024 * 1024 * 2
 
 
+def test_a_repeated_op_gets_new_tensors_of_its_first_outputs_layout_and_views_stay_views():
+    with torch.no_grad(), _LiveBytes() as live:
+        ids = torch.empty(4, 8, device="meta", dtype=torch.int64)
+        assert (ids * 2).dtype == torch.int64 and (ids * 2).dtype == torch.int64
+        assert (ids * 2.0).dtype == torch.float32  # the argument's type is part of what the op is
+        wide = _meta(8, 4).t()
+        assert (wide + 1).stride() == (wide + 1).stride() == wide.stride()  # the input's layout carried on
+        flat = wide.contiguous()
+        held = live.current
+        views = [torch.ops.aten._unsafe_view(flat, [32]) for _ in range(2)]  # views its schema does not declare
+        assert all(v.shape == (32,) for v in views)
+        assert live.current == held  # no new bytes, the second time too
+
+
+def test_the_repeated_op_shortcut_leaves_every_trace_as_it_was(monkeypatch):
+    """The dry run makes a repeated op's outputs from its first layout (most of a meta op's time is its
+    Python shape function): each allocation, workspace, weight use and call stays what running every op gives,
+    for a denoiser's blocks, three text encoders, a tiled image decode and a video decode."""
+    from pipefit.tools import dryrun
+
+    workloads = {"sd3.5-medium": dict(height=256, width=256), "qwen-image": dict(height=320, width=320),
+                 "wan2.1-t2v-1.3b": dict(height=64, width=64, frames=5)}  # fmt: skip
+    for model, shape in workloads.items():
+        fast = trace_pipeline(f"builtin:{model}", steps=2, cache=False, **shape)
+        with monkeypatch.context() as patch:
+            patch.setattr(dryrun, "_op_key", lambda *args: None)
+            every = trace_pipeline(f"builtin:{model}", steps=2, cache=False, **shape)
+        assert fast.allocations == every.allocations and len(fast.allocations) > 1000, model
+        assert fast.model_dump(exclude={"seconds"}) == every.model_dump(exclude={"seconds"}), model
+
+
 def test_small_tensors_have_real_values_for_data_dependent_code():
     with torch.no_grad(), _LiveBytes():
         mask = torch.tensor([[1, 1, 1, 0, 0]]).to("meta")

@@ -14,6 +14,10 @@ of two, or two passes, or none), its VAE decode. While it runs, two modes watch 
 - FLOPs: torch's own flop formulas (``torch.utils.flop_counter``) for matmuls and convolutions,
   and 4*B*H*Sq*Sk*D for attention.
 
+An op run again at the same input layouts (each block of a transformer, each tile of a tiled
+decode) gets new tensors of its first outputs' layouts instead of running its Python shape function
+again, where its schema and its first run show that it makes only new tensors.
+
 Data-dependent code (``mask.all()``, ``timesteps == t``, ``lengths.tolist()``) needs values, which
 meta tensors lack: small tensors (ids, masks, timesteps, sigmas) are shadowed by real CPU copies
 that every op also runs on, so ``.item()`` answers what the real run would.
@@ -609,6 +613,7 @@ class _LiveBytes:
         self._ids: dict[int, int] = {}  # storage -> its allocation's id
         self._allocated = 0
         self._shadows: weakref.WeakKeyDictionary | None = None
+        self._outputs: dict[tuple, tuple] = {}  # an op's key (_op_key) -> its outputs' layouts
         outer = self
 
         class Mode(TorchDispatchMode):
@@ -630,7 +635,7 @@ class _LiveBytes:
     # -- one operator
     def _dispatch(self, func, args, kwargs, flop_registry):
         import torch
-        from torch.utils._pytree import tree_flatten, tree_map
+        from torch.utils._pytree import tree_map
 
         first = args[0] if args else None
         if isinstance(first, torch.Tensor) and first.is_meta:
@@ -644,28 +649,36 @@ class _LiveBytes:
                 shadow = self._shadows.get(first)
                 host = shadow if shadow is not None else torch.zeros(first.shape, dtype=first.dtype)
                 return host.to(dtype=kwargs.get("dtype") or first.dtype)
-        try:
-            out = func(*args, **kwargs)
-        except (NotImplementedError, RuntimeError):
-            # an output shape that depends on values (nonzero, masked_select): from the CPU twins
-            out = self._from_shadows(func, args, kwargs)
-            if out is None:
-                raise
+        key = _op_key(func, args, kwargs)
+        known = self._outputs.get(key) if key is not None else False
+        if known:  # this op ran at these shapes before: new tensors of its outputs' layouts
+            out = _fresh(known)
+        else:
+            try:
+                out = func(*args, **kwargs)
+            except (NotImplementedError, RuntimeError):
+                # an output shape that depends on values (nonzero, masked_select): from the CPU twins
+                out = self._from_shadows(func, args, kwargs)
+                if out is None:
+                    raise
+            else:
+                if known is None:
+                    self._outputs[key] = _layout(out, args, kwargs)
         packet = func._overloadpacket
         conv = packet is torch.ops.aten.convolution and isinstance(out, torch.Tensor)
         if packet in flop_registry:
             counted = flop_registry[packet](*args, **kwargs, out_val=out)
             self.flops += counted
             self.conv_flops += counted if conv else 0
-        flat_in, _ = tree_flatten((args, kwargs))
-        inputs = {t.untyped_storage()._cdata for t in flat_in if isinstance(t, torch.Tensor) and t.is_meta}
+        flat_in = _tensors((args, kwargs))
+        inputs = {t.untyped_storage()._cdata for t in flat_in if t.is_meta}
         if packet in _matmul_packets():  # a weight the run did not create: a parameter (quantized ones dequantize here)
             for t in flat_in:
-                if isinstance(t, torch.Tensor) and t.is_meta and t.untyped_storage()._cdata not in self._sizes:
+                if t.is_meta and t.untyped_storage()._cdata not in self._sizes:
                     self.weight_uses.append((len(self.events), t.untyped_storage().nbytes()))
-        flat_out, _ = tree_flatten(out)
+        flat_out = _tensors(out)
         for t in flat_out:
-            if isinstance(t, torch.Tensor) and t.is_meta:
+            if t.is_meta:
                 self._track(t, inputs)
         if conv:  # its output counted: what is live while it runs
             size = args[0].numel() * args[0].element_size() + out.numel() * out.element_size()
@@ -729,8 +742,8 @@ class _LiveBytes:
         """Run the op on CPU twins when every meta input is small and has one."""
         import torch
 
-        metas = [t for t in flat_in if isinstance(t, torch.Tensor) and t.is_meta]
-        outs = [t for t in flat_out if isinstance(t, torch.Tensor) and t.is_meta]
+        metas = [t for t in flat_in if t.is_meta]
+        outs = [t for t in flat_out if t.is_meta]
         # factories and ops on twins keep twins up to the stand-in size: a large all-zero image embedding
         # is still read as "all zero" (HunyuanVideo 1.5's text-to-video switch)
         limit = _STAND_IN_NUMEL if metas or _is_factory(func) else _SHADOW_NUMEL
@@ -760,6 +773,99 @@ class _LiveBytes:
         for meta, shadow in zip(outs, results):
             if shadow.shape == meta.shape:
                 self._shadows[meta] = shadow
+
+
+# ---------------------------------------------------------------- repeated ops
+#
+# A pipeline runs the same ops at the same shapes many times (each block of a transformer, each tile of a
+# tiled decode), and on the meta device most of an op's time is its Python shape function. An op whose
+# outputs are always new tensors (no view, no in-place write: its schema says so) has outputs whose shapes,
+# strides and dtypes follow from its inputs' alone, so the second time it runs they are made directly.
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+@functools.cache
+def _new_outputs_only(func) -> bool:
+    """Whether ``func`` writes none of its inputs and returns only new tensors (not views of its inputs)."""
+    schema = func._schema
+    return (not schema.is_mutable and bool(schema.returns)
+            and all(a.alias_info is None for a in schema.arguments)
+            and all(r.alias_info is None and str(r.type) == "Tensor" for r in schema.returns))  # fmt: skip
+
+
+def _op_key(func, args, kwargs) -> tuple | None:
+    """What ``func``'s outputs' layouts depend on: its inputs' shapes, strides and dtypes and its other
+    arguments (with their types: ``x * 2`` and ``x * 2.0`` differ); None where an output may alias an input
+    or an argument is not a meta tensor or a plain value."""
+    import torch
+
+    if not _new_outputs_only(func):
+        return None
+    parts: list = [func]
+
+    def add(x) -> bool:
+        if isinstance(x, torch.Tensor):
+            if not x.is_meta:
+                return False
+            parts.append((x.shape, x.stride(), x.storage_offset(), x.dtype))
+        elif isinstance(x, (list, tuple)):
+            parts.append(len(x))
+            return all(add(y) for y in x)
+        elif isinstance(x, _SCALARS) or isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            parts.append((type(x), x))
+        else:
+            return False
+        return True
+
+    if not all(add(x) for x in args):
+        return None
+    for name in sorted(kwargs):
+        parts.append(name)
+        if not add(kwargs[name]):
+            return None
+    return tuple(parts)
+
+
+def _tensors(x) -> list:
+    """The tensors in an operator's arguments or outputs (tensors, and tuples, lists and dicts of them):
+    torch's pytree flattening, without its generality (it is most of an op's bookkeeping time)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for y in x for t in _tensors(y)]
+    if isinstance(x, dict):
+        return [t for y in x.values() for t in _tensors(y)]
+    return []
+
+
+def _layout(out, args, kwargs) -> tuple | bool:
+    """``out``'s tensors as (shape, stride, dtype), after whether there are several; False where one is
+    not a new meta tensor that owns exactly its own extent (what ``empty_strided`` would make). Some ops
+    alias an input without saying so in their schema (``_unsafe_view``)."""
+    import torch
+
+    outs = out if isinstance(out, tuple) else (out,)
+    inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+    for t in outs:
+        if not (isinstance(t, torch.Tensor) and t.is_meta and t.storage_offset() == 0):
+            return False
+        if t.untyped_storage()._cdata in inputs:
+            return False
+        extent = 0 if not t.numel() else 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        if t.untyped_storage().nbytes() != extent * t.element_size():
+            return False
+    return (isinstance(out, tuple), *((t.shape, t.stride(), t.dtype) for t in outs))
+
+
+def _fresh(layout: tuple):
+    import torch
+
+    several, *outs = layout
+    made = tuple(torch.empty_strided(shape, stride, dtype=dtype, device="meta") for shape, stride, dtype in outs)
+    return made if several else made[0]
 
 
 @functools.cache
