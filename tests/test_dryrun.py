@@ -78,8 +78,8 @@ def test_the_repeated_op_shortcut_leaves_every_trace_as_it_was(monkeypatch):
     for a denoiser's blocks, three text encoders, a tiled image decode and a video decode."""
     from pipefit.tools import dryrun
 
-    workloads = {"sd3.5-medium": dict(height=256, width=256), "qwen-image": dict(height=320, width=320),
-                 "wan2.1-t2v-1.3b": dict(height=64, width=64, frames=5)}  # fmt: skip
+    workloads = {"sd3.5-medium": {"height": 256, "width": 256}, "qwen-image": {"height": 320, "width": 320},
+                 "wan2.1-t2v-1.3b": {"height": 64, "width": 64, "frames": 5}}  # fmt: skip
     for model, shape in workloads.items():
         fast = trace_pipeline(f"builtin:{model}", steps=2, cache=False, **shape)
         with monkeypatch.context() as patch:

@@ -812,7 +812,7 @@ def _op_key(func, args, kwargs) -> tuple | None:
         elif isinstance(x, (list, tuple)):
             parts.append(len(x))
             return all(add(y) for y in x)
-        elif isinstance(x, _SCALARS) or isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        elif isinstance(x, (*_SCALARS, torch.dtype, torch.device, torch.layout, torch.memory_format)):
             parts.append((type(x), x))
         else:
             return False
