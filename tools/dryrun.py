@@ -779,8 +779,9 @@ class _LiveBytes:
 #
 # A pipeline runs the same ops at the same shapes many times (each block of a transformer, each tile of a
 # tiled decode), and on the meta device most of an op's time is its Python shape function. An op whose
-# outputs are always new tensors (no view, no in-place write: its schema says so) has outputs whose shapes,
-# strides and dtypes follow from its inputs' alone, so the second time it runs they are made directly.
+# outputs are always new tensors (its schema declares no view and no in-place write, and its first run made
+# only tensors of their own) has outputs whose shapes, strides and dtypes follow from its arguments' alone,
+# so the next time it runs at the same ones they are made directly.
 
 _SCALARS = (bool, int, float, str, type(None))
 
