@@ -31,8 +31,8 @@ from provenance import provenance  # noqa: E402
 BUDGETS = [("8GiB", "16GiB"), ("12GiB", "32GiB"), ("16GiB", "64GiB")]
 MODELS = ["flux1-dev", "sdxl-base", "wan2.1-t2v-1.3b", "sd3.5-medium", "z-image-turbo", "qwen-image", "ltx-video"]
 # a new process: the MCP server's import stages first (it runs them while it waits for a request), then recommend
-_COLD = "import importlib, time; t = time.perf_counter(); from pipefit.mcp_server.imports import STAGES; " \
-        "[importlib.import_module(m) for ms in STAGES.values() for m in ms]; i = time.perf_counter(); " \
+_COLD = "import time; t = time.perf_counter(); from pipefit.mcp_server import imports; " \
+        "imports.enable(); imports.start(); imports.wait('models'); i = time.perf_counter(); " \
         "from pipefit.tools.recommend import recommend; recommend({model!r}, vram='12GiB', ram='32GiB'); " \
         "print(i - t, time.perf_counter() - i)"
 
